@@ -1,0 +1,64 @@
+"""Argument checks shared by the public ops.
+
+Static checks (rank, dtype, device) run in the public functions and are traceable by torch.compile. Checks of
+offset *values* need the data, so they run inside the registered ops, where a sync cannot break a graph; they
+are skipped while a CUDA graph is being captured (a sync is illegal there) or when ``MDUS_CHECK_OFFSETS=0``.
+The kernels clamp offsets into range, so unchecked bad offsets give wrong numbers but never touch memory
+outside the tensors.
+"""
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(t, name: str, *, ndim: int | None = None, dtypes=None, device: torch.device | None = None,
+                 shape_doc: str = "") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D{' ' + shape_doc if shape_doc else ''}, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        expected = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({expected}), got {str(t.dtype).removeprefix('torch.')}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} (like the data), got {t.device}")
+
+
+def check_offsets(offsets, name: str, *, device: torch.device) -> None:
+    """Static checks of a 1-D offsets / cu_seqlens tensor. Bad offsets raise ValueError, whatever is wrong."""
+    if not isinstance(offsets, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(offsets).__name__}")
+    if offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError(f"{name} must be 1-D with at least one element, got shape {tuple(offsets.shape)}")
+    if offsets.dtype not in INDEX_DTYPES:
+        raise ValueError(f"{name} must be int32 or int64, got {str(offsets.dtype).removeprefix('torch.')}")
+    if offsets.device != device:
+        raise ValueError(f"{name} must be on {device} (like the data), got {offsets.device}")
+
+
+def _value_checks_enabled(t: torch.Tensor) -> bool:
+    if os.environ.get("MDUS_CHECK_OFFSETS", "1") == "0":
+        return False
+    return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def check_offsets_values(offsets: torch.Tensor, name: str, total: int, total_name: str) -> None:
+    """``offsets[0] == 0``, ``offsets[-1] == total`` and non-decreasing; raises ValueError naming the problem.
+
+    One device sync on GPU; the detailed message is only computed on failure.
+    """
+    if not _value_checks_enabled(offsets):
+        return
+    o = offsets.long()
+    first, last, n_bad = torch.stack([o[0], o[-1], (o[1:] < o[:-1]).sum()]).tolist()
+    if first != 0:
+        raise ValueError(f"{name}[0] must be 0, got {first}")
+    if n_bad:
+        i = int(torch.nonzero(o[1:] < o[:-1])[0])
+        raise ValueError(f"{name} must be non-decreasing, got {name}[{i}]={int(o[i])} > {name}[{i + 1}]={int(o[i + 1])}")
+    if last != total:
+        raise ValueError(f"{name}[-1] must equal {total_name}={total}, got {last}")

@@ -1,0 +1,1 @@
+"""One module per op: its Triton kernels, launchers and torch.library registration."""
