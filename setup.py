@@ -38,7 +38,7 @@ def _extension():
     with_cuda = _want_cuda()
     sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
     # -fopenmp: at::parallel_for is header-inline over `#pragma omp parallel`; without it our loops run serially.
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-fopenmp"]
     if os.environ.get("MDUS_NATIVE", "0") == "1":
         cxx.append("-march=native")
     kwargs = dict(
@@ -50,7 +50,7 @@ def _extension():
     if not with_cuda:
         return CppExtension(extra_compile_args={"cxx": cxx}, **kwargs), False
     kwargs["sources"] = sources + _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
-    nvcc = ["-O3", "-std=c++17", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
     if "TORCH_CUDA_ARCH_LIST" not in os.environ:
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     return (

@@ -59,6 +59,7 @@ def check_offsets_values(offsets: torch.Tensor, name: str, total: int, total_nam
         raise ValueError(f"{name}[0] must be 0, got {first}")
     if n_bad:
         i = int(torch.nonzero(o[1:] < o[:-1])[0])
-        raise ValueError(f"{name} must be non-decreasing, got {name}[{i}]={int(o[i])} > {name}[{i + 1}]={int(o[i + 1])}")
+        raise ValueError(f"{name} must be non-decreasing, got "
+                         f"{name}[{i}]={int(o[i])} > {name}[{i + 1}]={int(o[i + 1])}")
     if last != total:
         raise ValueError(f"{name}[-1] must equal {total_name}={total}, got {last}")

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "cpu/alloc.h"
 #include "patch_pool.h"
 
 namespace mdus {
@@ -103,19 +104,14 @@ void unpool(const scalar_t* g, const int64_t* off, const scalar_t* x, const scal
         }
       } else {
         const acc_t len = static_cast<acc_t>(std::max<int64_t>(eos - bos, 1));
-        for (int64_t d = 0; d < cols; ++d)
-          val[d] = static_cast<scalar_t>(R == Reduce::Mean ? static_cast<acc_t>(gp[d]) / len : static_cast<acc_t>(gp[d]));
+        for (int64_t d = 0; d < cols; ++d) {
+          const acc_t v = static_cast<acc_t>(gp[d]);
+          val[d] = static_cast<scalar_t>(R == Reduce::Mean ? v / len : v);
+        }
         for (int64_t t = bos; t < eos; ++t) std::copy(val.begin(), val.begin() + cols, out + t * D + d0);
       }
     }
   });
-}
-
-void check_inputs(const at::Tensor& t, const at::Tensor& offsets, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 2, name, " must be 2-D (rows, D), got ", t.dim(), "-D");
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 1, "offsets must be 1-D with >= 1 element");
-  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kInt || offsets.scalar_type() == at::kLong,
-                    "offsets must be int32 or int64, got ", offsets.scalar_type());
 }
 
 at::Tensor patch_pool_cpu(const at::Tensor& x_, const at::Tensor& offsets_, c10::string_view reduce) {
@@ -124,7 +120,7 @@ at::Tensor patch_pool_cpu(const at::Tensor& x_, const at::Tensor& offsets_, c10:
   const at::Tensor x = x_.contiguous();
   const at::Tensor offsets = offsets_.to(at::kLong).contiguous();
   const int64_t N = x.size(0), D = x.size(1), P = offsets.numel() - 1;
-  at::Tensor out = at::empty({P, D}, x.options());
+  at::Tensor out = empty_output({P, D}, x.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patch_pool_cpu", [&] {
     const scalar_t* px = x.const_data_ptr<scalar_t>();
@@ -160,7 +156,7 @@ at::Tensor patch_unpool_cpu(const at::Tensor& p_, const at::Tensor& offsets_, in
     TORCH_CHECK_VALUE(x.scalar_type() == p.scalar_type() && pooled.scalar_type() == p.scalar_type(),
                       "x, pooled and p must share a dtype");
   }
-  at::Tensor out = at::empty({N, D}, p.options());
+  at::Tensor out = empty_output({N, D}, p.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "patch_unpool_cpu", [&] {
     const scalar_t* pg = p.const_data_ptr<scalar_t>();
