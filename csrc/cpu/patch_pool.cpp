@@ -81,25 +81,29 @@ void unpool(const scalar_t* g, const int64_t* off, const scalar_t* x, const scal
   const Work w = split_work(P, N, D);
   at::parallel_for(0, P * w.n_chunks, w.grain, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> val(w.chunk);
-    std::vector<char> found(w.chunk);
+    std::vector<int32_t> found(w.chunk);  // int32, not char: same lane width as fp32 and no aliasing, so it vectorizes
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / w.n_chunks, d0 = (item % w.n_chunks) * w.chunk;
       const int64_t cols = std::min(w.chunk, D - d0);
       int64_t bos, eos;
       patch_bounds(off, p, N, bos, eos);
-      const scalar_t* gp = g + p * D + d0;
+      const scalar_t* __restrict gp = g + p * D + d0;
       if constexpr (R == Reduce::Max || R == Reduce::Min) {
         // The gradient goes to the first token whose value equals the pooled extreme. pooled holds that exact
         // value (a max/min is one of its inputs, so the round trip through acc_t is exact).
-        const scalar_t* ref = pooled + p * D + d0;
-        std::fill(found.begin(), found.begin() + cols, 0);
+        const scalar_t* __restrict ref = pooled + p * D + d0;
+        int32_t* __restrict fnd = found.data();
+        std::fill(fnd, fnd + cols, 0);
         for (int64_t t = bos; t < eos; ++t) {
-          const scalar_t* xr = x + t * D + d0;
-          scalar_t* o = out + t * D + d0;
+          const scalar_t* __restrict xr = x + t * D + d0;
+          scalar_t* __restrict o = out + t * D + d0;
           for (int64_t d = 0; d < cols; ++d) {
-            const bool hit = !found[d] && static_cast<acc_t>(xr[d]) == static_cast<acc_t>(ref[d]);
-            o[d] = hit ? gp[d] : scalar_t(0);
-            found[d] |= hit;
+            // Unconditional loads and a select (no branch), so the loop vectorizes.
+            const scalar_t gv = gp[d];
+            const int32_t hit = static_cast<int32_t>(fnd[d] == 0) &
+                                static_cast<int32_t>(static_cast<acc_t>(xr[d]) == static_cast<acc_t>(ref[d]));
+            o[d] = hit ? gv : scalar_t(0);
+            fnd[d] |= hit;
           }
         }
       } else {
