@@ -358,6 +358,7 @@ def parse_args(argv=None):
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the CSV's latest run, no timing")
     p.add_argument("--csv", type=Path, help="with --plot-only: the CSV to plot (default <out>/<device_tag>.csv), "
                    "e.g. one written on a GPU machine")
+    p.add_argument("--run-id", help="with --plot-only: the run to draw (its run_id column; default the latest)")
     return p.parse_args(argv)
 
 
@@ -366,8 +367,8 @@ def main(argv=None) -> int:
     if args.plot_only:
         csv_path = args.csv or args.out / f"{C.device_tag(C.resolve_device(args.device))}.csv"
         rows = [r for r in C.read_rows(csv_path) if r.get("op") == OP]
-        last = max((r["run_id"] for r in rows), default=None)
-        plot_rows([r for r in rows if r["run_id"] == last], args.out, csv_path.stem)
+        run = args.run_id or max((r["run_id"] for r in rows), default=None)
+        plot_rows([r for r in rows if r["run_id"] == run], args.out, csv_path.stem)
         return 0
     device = C.resolve_device(args.device)
     tag = C.device_tag(device)

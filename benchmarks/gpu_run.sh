@@ -55,6 +55,11 @@ if want build; then
     step build "$OUT/build.log" python -m pip install --no-build-isolation --no-deps -v -e .
 fi
 if want tests; then
+    # The GPU image lacks the pure-Python test dependencies and has no network: they travel as wheels made here
+    # with `pip download -d .gpu_wheels hypothesis sortedcontainers attrs expecttest` (carried, not committed).
+    if [ -d .gpu_wheels ]; then
+        python -m pip install -q --no-index --no-deps .gpu_wheels/*.whl 2>&1 | tee -a "$OUT/env.log"
+    fi
     step tests "$OUT/tests.log" python -m pytest -q tests
 fi
 if want bench; then

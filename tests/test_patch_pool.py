@@ -210,8 +210,10 @@ def test_opcheck(backend, reduce, use_backend):
     torch.library.opcheck(torch.ops.mdus.patch_unpool.default, (p, offsets, 10, reduce, x.detach(), pooled))
 
 
-@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compile_backend):
+@pytest.mark.parametrize("backend,compile_backend",
+                         [(b, "aot_eager") for b in GRADCHECK_BACKENDS] + [("auto", "inductor")])
+def test_torch_compile_fullgraph(backend, compile_backend, use_backend):
+    use_backend(backend)
     torch._dynamo.reset()
 
     def step(x, offsets):
