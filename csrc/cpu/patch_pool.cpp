@@ -118,61 +118,42 @@ void unpool(const scalar_t* g, const int64_t* off, const scalar_t* x, const scal
   });
 }
 
-at::Tensor patch_pool_cpu(const at::Tensor& x_, const at::Tensor& offsets_, c10::string_view reduce) {
-  check_inputs(x_, offsets_, "x");
-  const Reduce r = parse_reduce(reduce);
-  const at::Tensor x = x_.contiguous();
-  const at::Tensor offsets = offsets_.to(at::kLong).contiguous();
-  const int64_t N = x.size(0), D = x.size(1), P = offsets.numel() - 1;
-  at::Tensor out = empty_output({P, D}, x.options());
+at::Tensor patch_pool_cpu(const at::Tensor& x, const at::Tensor& offsets, c10::string_view reduce) {
+  const PatchArgs a = prepare_pool(x, offsets, reduce);
+  at::Tensor out = empty_output({a.P, a.D}, a.data.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "patch_pool_cpu", [&] {
-    const scalar_t* px = x.const_data_ptr<scalar_t>();
-    const int64_t* po = offsets.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.data.scalar_type(), "patch_pool_cpu", [&] {
+    const scalar_t* px = a.data.const_data_ptr<scalar_t>();
+    const int64_t* po = a.offsets.const_data_ptr<int64_t>();
     scalar_t* pout = out.mutable_data_ptr<scalar_t>();
-    switch (r) {
-      case Reduce::Sum: pool_fwd<Reduce::Sum>(px, po, pout, P, N, D); break;
-      case Reduce::Mean: pool_fwd<Reduce::Mean>(px, po, pout, P, N, D); break;
-      case Reduce::Max: pool_fwd<Reduce::Max>(px, po, pout, P, N, D); break;
-      case Reduce::Min: pool_fwd<Reduce::Min>(px, po, pout, P, N, D); break;
+    switch (a.reduce) {
+      case Reduce::Sum: pool_fwd<Reduce::Sum>(px, po, pout, a.P, a.N, a.D); break;
+      case Reduce::Mean: pool_fwd<Reduce::Mean>(px, po, pout, a.P, a.N, a.D); break;
+      case Reduce::Max: pool_fwd<Reduce::Max>(px, po, pout, a.P, a.N, a.D); break;
+      case Reduce::Min: pool_fwd<Reduce::Min>(px, po, pout, a.P, a.N, a.D); break;
     }
   });
   return out;
 }
 
-at::Tensor patch_unpool_cpu(const at::Tensor& p_, const at::Tensor& offsets_, int64_t num_tokens,
-                            c10::string_view reduce, const std::optional<at::Tensor>& x_,
-                            const std::optional<at::Tensor>& pooled_) {
-  check_inputs(p_, offsets_, "p");
-  const Reduce r = parse_reduce(reduce);
-  TORCH_CHECK_VALUE(!is_arg_reduce(r) || (x_.has_value() && pooled_.has_value()),
-                    "patch_unpool_kernel with reduce='", reduce, "' needs x and pooled");
-  const at::Tensor p = p_.contiguous();
-  const at::Tensor offsets = offsets_.to(at::kLong).contiguous();
-  const int64_t P = offsets.numel() - 1, D = p.size(1), N = num_tokens;
-  TORCH_CHECK_VALUE(p.size(0) == P, "p must have ", P, " rows (one per patch), got ", p.size(0));
-  at::Tensor x, pooled;
-  if (is_arg_reduce(r)) {
-    x = x_->contiguous();
-    pooled = pooled_->contiguous();
-    TORCH_CHECK_VALUE(x.sizes() == at::IntArrayRef({N, D}) && pooled.sizes() == p.sizes(),
-                      "x must be (num_tokens, D) and pooled must match p");
-    TORCH_CHECK_VALUE(x.scalar_type() == p.scalar_type() && pooled.scalar_type() == p.scalar_type(),
-                      "x, pooled and p must share a dtype");
-  }
-  at::Tensor out = empty_output({N, D}, p.options());
+at::Tensor patch_unpool_cpu(const at::Tensor& p, const at::Tensor& offsets, int64_t num_tokens,
+                            c10::string_view reduce, const std::optional<at::Tensor>& x,
+                            const std::optional<at::Tensor>& pooled) {
+  const PatchArgs a = prepare_unpool(p, offsets, num_tokens, reduce, x, pooled);
+  at::Tensor out = empty_output({a.N, a.D}, a.data.options());
   if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "patch_unpool_cpu", [&] {
-    const scalar_t* pg = p.const_data_ptr<scalar_t>();
-    const int64_t* po = offsets.const_data_ptr<int64_t>();
-    const scalar_t* px = is_arg_reduce(r) ? x.const_data_ptr<scalar_t>() : nullptr;
-    const scalar_t* pr = is_arg_reduce(r) ? pooled.const_data_ptr<scalar_t>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.data.scalar_type(), "patch_unpool_cpu", [&] {
+    const bool arg = is_arg_reduce(a.reduce);
+    const scalar_t* pg = a.data.const_data_ptr<scalar_t>();
+    const int64_t* po = a.offsets.const_data_ptr<int64_t>();
+    const scalar_t* px = arg ? a.x.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* pr = arg ? a.pooled.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* pout = out.mutable_data_ptr<scalar_t>();
-    switch (r) {
-      case Reduce::Sum: unpool<Reduce::Sum>(pg, po, px, pr, pout, P, N, D); break;
-      case Reduce::Mean: unpool<Reduce::Mean>(pg, po, px, pr, pout, P, N, D); break;
-      case Reduce::Max: unpool<Reduce::Max>(pg, po, px, pr, pout, P, N, D); break;
-      case Reduce::Min: unpool<Reduce::Min>(pg, po, px, pr, pout, P, N, D); break;
+    switch (a.reduce) {
+      case Reduce::Sum: unpool<Reduce::Sum>(pg, po, px, pr, pout, a.P, a.N, a.D); break;
+      case Reduce::Mean: unpool<Reduce::Mean>(pg, po, px, pr, pout, a.P, a.N, a.D); break;
+      case Reduce::Max: unpool<Reduce::Max>(pg, po, px, pr, pout, a.P, a.N, a.D); break;
+      case Reduce::Min: unpool<Reduce::Min>(pg, po, px, pr, pout, a.P, a.N, a.D); break;
     }
   });
   return out;
