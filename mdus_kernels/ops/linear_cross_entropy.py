@@ -1,0 +1,238 @@
+"""Fused linear + cross-entropy without materializing the (N, V) logits: chunk driver, registration, public API.
+
+The specification is ``mdus_kernels.reference.linear_cross_entropy``.
+
+Per chunk of rows: one GEMM for the logits, the row math in place (loss and d loss / d logits), then the GEMMs of
+the backward (``grad_hidden = dlogits @ W`` and, for trainable blocks only, ``grad_W += dlogits.T @ hidden``).
+For ``reduction="mean"/"sum"`` the upstream gradient is a scalar, so the gradients are computed in the forward and
+the backward only scales them: the GEMM count equals eager's (logits, grad_hidden, grad_W) with no recompute,
+and memory is one chunk of logits instead of N x V logits and their gradient. ``reduction="none"`` needs per-row
+upstream gradients, so its backward (``mdus::linear_cross_entropy_backward``) recomputes the logits.
+"""
+
+import os
+
+import torch
+
+from mdus_kernels._checks import FLOAT_DTYPES, check_tensor
+from mdus_kernels.reference import linear_cross_entropy as ref
+from mdus_kernels.reference.linear_cross_entropy import REDUCTIONS
+
+# Bytes of fp32 logits per chunk: large enough for efficient GEMMs, small enough to keep the peak far below eager's.
+_CHUNK_BYTES = int(os.environ.get("MDUS_LCE_CHUNK_BYTES", 32 << 20))
+
+
+def _chunk_rows(n: int, v: int) -> int:
+    return max(1, min(n, _CHUNK_BYTES // (4 * max(v, 1))))
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    # CPU GEMMs are fastest (and exact enough) in fp32; on GPU the input dtype feeds the tensor cores.
+    if t.dtype == torch.float64:
+        return t.dtype
+    return torch.float32 if t.device.type == "cpu" else t.dtype
+
+
+def _loss_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_labels_values(labels: torch.Tensor, v: int, ignore_index: int) -> None:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0])
+        raise ValueError(f"labels must be in [0, {v}) (the vocabulary size) or ignore_index={ignore_index}, "
+                         f"got labels[{i}]={int(labels[i])}")
+
+
+def _chunk_loop(hidden, weights, labels, ignore_index, label_smoothing, softcap, row_scale, hidden_grad,
+                weight_grad):
+    """Returns (per-row fp32 losses, grad_hidden or None, [grad_W_b or None]); gradients of sum(row_scale * loss)."""
+    n = hidden.shape[0]
+    dt = _compute_dtype(hidden)
+    w = torch.cat(weights) if len(weights) > 1 else weights[0]
+    w = w.to(dt)
+    v = w.shape[0]
+    bounds = [0]
+    for b in weights:
+        bounds.append(bounds[-1] + b.shape[0])
+    acc = _loss_dtype(hidden)
+    losses = torch.empty(n, dtype=acc, device=hidden.device)
+    grad_h = torch.empty_like(hidden) if hidden_grad else None
+    grad_w = [torch.zeros(b.shape, dtype=acc, device=b.device) if g else None
+              for b, g in zip(weights, weight_grad, strict=True)]
+    compute_grad = hidden_grad or any(weight_grad)
+    step = _chunk_rows(n, v)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        h = hidden[start:stop].to(dt)
+        logits = (h @ w.T).to(acc)
+        losses[start:stop] = ref.logits_to_grad_(
+            logits, labels[start:stop], ignore_index, label_smoothing, softcap,
+            None if row_scale is None else row_scale[start:stop], compute_grad)
+        if not compute_grad:
+            continue
+        dlogits = logits.to(dt)
+        if hidden_grad:
+            grad_h[start:stop] = dlogits @ w
+        for i, g in enumerate(grad_w):
+            if g is not None:
+                g.addmm_(dlogits[:, bounds[i]:bounds[i + 1]].T.to(acc), h.to(acc))
+    grad_w = [None if g is None else g.to(b.dtype) for g, b in zip(grad_w, weights, strict=True)]
+    return losses, grad_h, grad_w
+
+
+def _reduce(losses: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str):
+    """(loss, row scale of the gradient computed in the forward)."""
+    if reduction == "none":
+        return losses, None
+    total = losses.sum()
+    if reduction == "sum":
+        return total, 1.0
+    n_valid = int((labels != ignore_index).sum())
+    return (total / n_valid if n_valid else total), 1.0 / max(n_valid, 1)
+
+
+def _or_empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    # An op cannot return None in a Tensor slot, nor the same tensor twice: a fresh empty tensor stands for "none".
+    return like.new_empty(0) if t is None else t
+
+
+# ---------------------------------------------------------------------------------------------------- registration
+
+
+@torch.library.custom_op("mdus::linear_cross_entropy", mutates_args=())
+def _lce_op(hidden: torch.Tensor, weights: list[torch.Tensor], labels: torch.Tensor, ignore_index: int,
+            reduction: str, label_smoothing: float, softcap: float, hidden_grad: bool,
+            weight_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    v = sum(w.shape[0] for w in weights)
+    _check_labels_values(labels, v, ignore_index)
+    # Gradients are computed here only when the upstream gradient will be a scalar (mean/sum).
+    eager_grads = reduction != "none"
+    losses, grad_h, grad_w = _chunk_loop(hidden, weights, labels, ignore_index, label_smoothing, softcap, None,
+                                         hidden_grad and eager_grads,
+                                         [g and eager_grads for g in weight_grad])
+    loss, scale = _reduce(losses, labels, ignore_index, reduction)
+    if scale is not None and scale != 1.0:
+        grad_h = None if grad_h is None else grad_h.mul_(scale)
+        grad_w = [None if g is None else g.mul_(scale) for g in grad_w]
+    return loss, _or_empty(grad_h, hidden), [_or_empty(g, hidden) for g in grad_w]
+
+
+@_lce_op.register_fake
+def _(hidden, weights, labels, ignore_index, reduction, label_smoothing, softcap, hidden_grad, weight_grad):
+    eager_grads = reduction != "none"
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(hidden))
+    grad_h = torch.empty_like(hidden) if hidden_grad and eager_grads else hidden.new_empty(0)
+    grad_w = [torch.empty_like(w) if g and eager_grads else hidden.new_empty(0)
+              for w, g in zip(weights, weight_grad, strict=True)]
+    return loss, grad_h, grad_w
+
+
+@torch.library.custom_op("mdus::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weights: list[torch.Tensor],
+                     labels: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float,
+                     hidden_grad: bool, weight_grad: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Recomputing backward for reduction="none": gradients of sum(grad_loss * loss)."""
+    _, grad_h, grad_w = _chunk_loop(hidden, weights, labels, ignore_index, label_smoothing, softcap,
+                                    grad_loss.to(_loss_dtype(hidden)), hidden_grad, weight_grad)
+    return _or_empty(grad_h, hidden), [_or_empty(g, hidden) for g in grad_w]
+
+
+@_lce_backward_op.register_fake
+def _(grad_loss, hidden, weights, labels, ignore_index, label_smoothing, softcap, hidden_grad, weight_grad):
+    grad_h = torch.empty_like(hidden) if hidden_grad else hidden.new_empty(0)
+    return grad_h, [torch.empty_like(w) if g else hidden.new_empty(0) for w, g in zip(weights, weight_grad,
+                                                                                       strict=True)]
+
+
+def _lce_setup_context(ctx, inputs, output):
+    hidden, weights, labels, ignore_index, reduction, label_smoothing, softcap, hidden_grad, weight_grad = inputs
+    ctx.reduction, ctx.hidden_grad, ctx.weight_grad = reduction, hidden_grad, list(weight_grad)
+    ctx.args = (ignore_index, label_smoothing, softcap)
+    _, grad_h, grad_w = output
+    if reduction == "none":
+        ctx.save_for_backward(hidden, labels, *weights)
+    else:
+        ctx.save_for_backward(grad_h, *grad_w)
+
+
+def _lce_backward(ctx, grad_loss, _grad_h, _grad_w):
+    if ctx.reduction == "none":
+        hidden, labels, *weights = ctx.saved_tensors
+        grad_h, grad_w = torch.ops.mdus.linear_cross_entropy_backward(
+            grad_loss, hidden, weights, labels, *ctx.args, ctx.hidden_grad, ctx.weight_grad)
+    else:
+        grad_h, *grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_loss.to(grad_h.dtype)
+        grad_w = [g * grad_loss.to(g.dtype) for g in grad_w]
+    grad_h = grad_h if ctx.hidden_grad else None
+    grad_w = [g if flag else None for g, flag in zip(grad_w, ctx.weight_grad, strict=True)]
+    return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+_lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------------ public API
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight, labels: torch.Tensor, *, ignore_index: int = -100,
+                         reduction: str = "mean", label_smoothing: float = 0.0, logit_softcap: float | None = None,
+                         weight_requires_grad=None) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T`` against ``labels``, without materializing the logits.
+
+    Args:
+        hidden: (N, d) float16/bfloat16/float32/float64 final hidden states.
+        weight: (V, d) output head, or a tuple of (V_b, d) row blocks whose concatenation is the vocabulary (e.g.
+            frozen text rows, trainable speech rows). Same dtype and device as ``hidden``.
+        labels: (N,) int64/int32 targets in ``[0, V)`` or ``ignore_index``.
+        reduction: ``"mean"`` over non-ignored rows (0 when all are ignored), ``"sum"`` or ``"none"`` ((N,) losses).
+        label_smoothing: in [0, 1], as in ``F.cross_entropy``.
+        logit_softcap: ``c`` applies ``c * tanh(logits / c)`` before the softmax (Gemma-style); None disables it.
+        weight_requires_grad: None follows ``requires_grad`` of each block; a bool (or one per block) overrides it,
+            e.g. False to skip the head's weight gradient (the largest GEMM) for a frozen head.
+
+    Returns:
+        The fp32 loss: a scalar, or (N,) for ``reduction="none"``.
+
+    Example:
+        >>> hidden, head = torch.randn(6, 8, requires_grad=True), torch.randn(20, 8)
+        >>> loss = linear_cross_entropy(hidden, head, torch.tensor([1, 2, 3, -100, 5, 19]))
+        >>> loss.backward()  # hidden.grad is set; the frozen head gets no gradient
+    """
+    weights = tuple(weight) if isinstance(weight, (tuple, list)) else (weight,)
+    check_tensor(hidden, "hidden", ndim=2, dtypes=FLOAT_DTYPES, shape_doc="(N, d)")
+    if not weights:
+        raise ValueError("weight must be a tensor or a non-empty tuple of (V_b, d) blocks")
+    for i, w in enumerate(weights):
+        name = "weight" if len(weights) == 1 else f"weight[{i}]"
+        check_tensor(w, name, ndim=2, device=hidden.device, shape_doc="(V, d)")
+        if w.shape[1] != hidden.shape[1]:
+            raise ValueError(f"{name} must have d={hidden.shape[1]} columns (like hidden), got shape {tuple(w.shape)}")
+        if w.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have hidden's dtype {hidden.dtype}, got {w.dtype}")
+    check_tensor(labels, "labels", ndim=1, dtypes=(torch.int64, torch.int32), device=hidden.device)
+    if labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"labels must have N={hidden.shape[0]} entries (hidden.shape[0]), got {labels.shape[0]}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if logit_softcap is not None and not logit_softcap > 0:
+        raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
+    if weight_requires_grad is None:
+        flags = [w.requires_grad for w in weights]
+    elif isinstance(weight_requires_grad, bool):
+        flags = [weight_requires_grad and w.requires_grad for w in weights]
+    else:
+        flags = list(weight_requires_grad)
+        if len(flags) != len(weights):
+            raise ValueError(f"weight_requires_grad must have one flag per weight block ({len(weights)}), "
+                             f"got {len(flags)}")
+        flags = [bool(f) and w.requires_grad for f, w in zip(flags, weights, strict=True)]
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = torch.ops.mdus.linear_cross_entropy(
+        hidden, list(weights), labels.long(), int(ignore_index), reduction, float(label_smoothing),
+        float(logit_softcap or 0.0), grad_on and hidden.requires_grad, [grad_on and f for f in flags])
+    return loss

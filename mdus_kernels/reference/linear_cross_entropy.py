@@ -1,0 +1,55 @@
+"""Fused linear + cross-entropy: the specification.
+
+``linear_cross_entropy(hidden, weight, labels, ignore_index, reduction, label_smoothing, logit_softcap)``
+    ``hidden`` (N, d), ``weight`` (V, d) (or a tuple of row blocks, concatenated into the vocabulary), ``labels``
+    (N,) int64 in ``[0, V)`` or ``ignore_index``. For each row ``i`` whose label ``y`` is not ignored:
+
+    * logits ``z = hidden[i] @ weight.T``, computed with fp32 accumulation;
+    * with ``logit_softcap = c``: ``s = c * tanh(z / c)``, else ``s = z``;
+    * ``loss_i = lse(s) - (1 - eps) * s[y] - (eps / V) * sum_j s[j]`` with ``eps = label_smoothing``: exactly
+      ``F.cross_entropy(s, y, label_smoothing=eps)``.
+
+    Ignored rows have loss 0 and pass no gradient. ``reduction="mean"`` divides the sum by the number of non-ignored
+    rows, and gives 0 (not NaN, unlike ``F.cross_entropy``) when every row is ignored; ``"sum"``; ``"none"`` gives
+    the (N,) per-row losses (0 at ignored rows). The loss is fp32.
+
+    Gradients: always for ``hidden`` (when it requires grad); for a weight block only when it requires grad. The
+    (N, V) logits are never materialized: every backend works on row chunks.
+
+``logits_to_grad_(logits, labels, ...)`` is the row math on one chunk, shared by every backend's chunk loop: it
+returns the per-row losses and overwrites ``logits`` with ``d(sum_i scale_i * loss_i) / d(logits)``.
+"""
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def logits_to_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
+                    softcap: float, row_scale: torch.Tensor | None, compute_grad: bool) -> torch.Tensor:
+    """(C, V) fp32 logits chunk -> (C,) fp32 losses; with ``compute_grad`` the chunk becomes the loss gradient,
+    each row scaled by ``row_scale`` (C,) (ignored rows: 0)."""
+    v = logits.shape[1]
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, 0).unsqueeze(1)
+    s = logits
+    if softcap:
+        s = s.div_(softcap).tanh_().mul_(softcap)
+    lse = torch.logsumexp(s, dim=1)
+    target = s.gather(1, safe).squeeze(1)
+    loss = lse - (1 - label_smoothing) * target
+    if label_smoothing:
+        loss -= (label_smoothing / v) * s.sum(1)
+    loss = torch.where(valid, loss, 0.0)
+    if compute_grad:
+        scale = valid.to(s.dtype) if row_scale is None else torch.where(valid, row_scale.to(s.dtype), 0.0)
+        d_cap = (1 - (s / softcap) ** 2) if softcap else None  # d s / d z, from s itself
+        # scale * (softmax - (1 - eps) * onehot - eps / V), the softmax from exp(s - lse) in place.
+        s.sub_(lse.unsqueeze(1)).exp_()
+        if label_smoothing:
+            s.sub_(label_smoothing / v)
+        s.scatter_add_(1, safe, torch.full_like(target, -(1 - label_smoothing)).unsqueeze(1))
+        s.mul_(scale.unsqueeze(1))
+        if d_cap is not None:
+            s.mul_(d_cap)
+    return loss

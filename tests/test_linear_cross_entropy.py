@@ -1,0 +1,182 @@
+"""linear_cross_entropy against eager F.linear + F.cross_entropy: values, gradients, options, registration."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mdus_kernels as mk
+from mdus_kernels.ops import linear_cross_entropy as lce_mod
+
+N, D, V1, V2 = 37, 24, 61, 40  # odd sizes; two vocabulary blocks
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of 5 rows, so that every test crosses chunk boundaries (and a last, partial chunk)."""
+    monkeypatch.setattr(lce_mod, "_CHUNK_BYTES", 4 * (V1 + V2) * 5)
+
+
+def eager(hidden, weights, labels, reduction="mean", label_smoothing=0.0, softcap=None):
+    logits = F.linear(hidden, torch.cat(weights) if isinstance(weights, tuple) else weights)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, labels, reduction=reduction, label_smoothing=label_smoothing)
+
+
+def make(dtype, seed, ignore=(3, 17, 18)):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=gen).to(dtype)
+    w1 = (torch.randn(V1, D, generator=gen) * 0.3).to(dtype)
+    w2 = (torch.randn(V2, D, generator=gen) * 0.3).to(dtype)
+    labels = torch.randint(0, V1 + V2, (N,), generator=gen)
+    labels[list(ignore)] = -100
+    return hidden, w1, w2, labels
+
+
+def grads(loss_fn, hidden, w1, w2, upstream):
+    leaves = [t.detach().clone().requires_grad_(rg) for t, rg in ((hidden, True), (w1, False), (w2, True))]
+    loss = loss_fn(leaves[0], (leaves[1], leaves[2]))
+    loss.backward(upstream)
+    assert leaves[1].grad is None  # the frozen block never gets a gradient
+    return loss.detach(), leaves[0].grad, leaves[2].grad
+
+
+OPTIONS = [(0.0, None), (0.1, None), (0.0, 15.0), (0.2, 4.0)]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing,softcap", OPTIONS)
+def test_matches_eager_float64(reduction, label_smoothing, softcap):
+    hidden, w1, w2, labels = make(torch.float64, 0)
+    upstream = torch.randn(N if reduction == "none" else (), dtype=torch.float64)
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing)
+    got = grads(lambda h, w: mk.linear_cross_entropy(h, w, labels, logit_softcap=softcap, **kw), hidden, w1, w2,
+                upstream)
+    exp = grads(lambda h, w: eager(h, w, labels, softcap=softcap, **kw), hidden, w1, w2, upstream)
+    for g, e in zip(got, exp, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("label_smoothing,softcap", [(0.0, None), (0.1, 10.0)])
+def test_low_precision_error_vs_eager(dtype, reduction, label_smoothing, softcap):
+    """flash-attn's rule: error against the float64 truth at most 2x that of eager PyTorch in the same dtype."""
+    hidden, w1, w2, labels = make(dtype, 1)
+    upstream = torch.randn(N if reduction == "none" else ())
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing)
+    truth = grads(lambda h, w: eager(h, w, labels, softcap=softcap, **kw), hidden.double(), w1.double(), w2.double(),
+                  upstream.double())
+    got = grads(lambda h, w: mk.linear_cross_entropy(h, w, labels, logit_softcap=softcap, **kw), hidden, w1, w2,
+                upstream)
+    ref = grads(lambda h, w: eager(h, w, labels, softcap=softcap, **kw), hidden, w1, w2, upstream.to(
+        torch.float32 if dtype == torch.float32 or reduction != "none" else dtype))
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype and got[2].dtype == dtype
+    for g, r, t in zip(got, ref, truth, strict=True):
+        err = (g.double() - t).abs().max()
+        ref_err = (r.double() - t).abs().max()
+        assert err <= 2 * ref_err + 1e-6, (err, ref_err)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_not_nan(reduction):
+    hidden, w1, w2, labels = make(torch.float32, 2)
+    labels[:] = -100
+    upstream = torch.ones(N) if reduction == "none" else torch.tensor(1.0)
+    loss, gh, gw = grads(lambda h, w: mk.linear_cross_entropy(h, w, labels, reduction=reduction), hidden, w1, w2,
+                         upstream)
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+def test_custom_ignore_index_and_int32_labels():
+    hidden, w1, w2, labels = make(torch.float64, 3, ignore=())
+    labels[[0, 5]] = 7
+    got = mk.linear_cross_entropy(hidden, (w1, w2), labels.int(), ignore_index=7)
+    exp = F.cross_entropy(hidden @ torch.cat([w1, w2]).T, labels, ignore_index=7)
+    torch.testing.assert_close(got, exp, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_requires_grad_override():
+    hidden, w1, w2, labels = make(torch.float32, 4)
+    w1.requires_grad_(True)
+    w2.requires_grad_(True)
+    mk.linear_cross_entropy(hidden, (w1, w2), labels, weight_requires_grad=(False, True)).backward()
+    assert w1.grad is None and w2.grad is not None
+    w = torch.cat([w1, w2]).detach().requires_grad_()
+    mk.linear_cross_entropy(hidden.requires_grad_(), w, labels, weight_requires_grad=False).backward()
+    assert w.grad is None and hidden.grad is not None
+
+
+def test_no_grad_mode_computes_no_gradients():
+    hidden, w1, w2, labels = make(torch.float32, 5)
+    hidden.requires_grad_()
+    with torch.no_grad():
+        loss = mk.linear_cross_entropy(hidden, (w1, w2), labels)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, eager(hidden.detach(), (w1, w2), labels))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradcheck_float64(reduction):
+    hidden, w1, w2, labels = make(torch.float64, 6)
+    hidden, w2 = hidden[:9].requires_grad_(), w2.requires_grad_()
+    labels = labels[:9]
+    assert torch.autograd.gradcheck(
+        lambda h, b: mk.linear_cross_entropy(h, (w1, b), labels, reduction=reduction, label_smoothing=0.1,
+                                             logit_softcap=3.0), (hidden, w2))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck(reduction):
+    hidden, w1, w2, labels = make(torch.float32, 7)
+    hidden.requires_grad_()
+    w2.requires_grad_()
+    torch.library.opcheck(torch.ops.mdus.linear_cross_entropy.default,
+                          (hidden, [w1, w2], labels, -100, reduction, 0.1, 5.0, True, [False, True]))
+    torch.library.opcheck(torch.ops.mdus.linear_cross_entropy_backward.default,
+                          (torch.randn(N), hidden.detach(), [w1, w2.detach()], labels, -100, 0.0, 0.0, True,
+                           [False, True]))
+
+
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(compile_backend):
+    torch._dynamo.reset()
+    hidden, w1, w2, labels = make(torch.float32, 8)
+
+    def step(h, b):
+        return mk.linear_cross_entropy(torch.tanh(h), (w1, b), labels, label_smoothing=0.1) * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend)
+    got = grads(lambda h, w: compiled(h, w[1]), hidden, w1, w2, torch.tensor(1.0))
+    exp = grads(lambda h, w: step(h, w[1]), hidden, w1, w2, torch.tensor(1.0))
+    for g, e in zip(got, exp, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_bad_arguments():
+    hidden, w1, w2, labels = make(torch.float32, 9)
+    bad = labels.clone()
+    bad[4] = V1 + V2
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 101\).*ignore_index=-100, got labels\[4\]=101"):
+        mk.linear_cross_entropy(hidden, (w1, w2), bad)
+    with pytest.raises(ValueError, match=r"weight\[1\] must have d=24 columns \(like hidden\), got shape \(40, 23\)"):
+        mk.linear_cross_entropy(hidden, (w1, w2[:, :-1]), labels)
+    with pytest.raises(TypeError, match=r"weight must have hidden's dtype torch.float32, got torch.float64"):
+        mk.linear_cross_entropy(hidden, w1.double(), labels)
+    with pytest.raises(ValueError, match=r"labels must have N=37 entries \(hidden.shape\[0\]\), got 36"):
+        mk.linear_cross_entropy(hidden, w1, labels[1:])
+    with pytest.raises(TypeError, match=r"labels must have dtype in \(int64, int32\), got float32"):
+        mk.linear_cross_entropy(hidden, w1, labels.float())
+    with pytest.raises(ValueError, match=r"hidden must be 2-D \(N, d\), got shape \(37,\)"):
+        mk.linear_cross_entropy(hidden[:, 0], w1, labels)
+    with pytest.raises(ValueError, match=r"reduction must be one of 'mean', 'sum', 'none', got 'avg'"):
+        mk.linear_cross_entropy(hidden, w1, labels, reduction="avg")
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+        mk.linear_cross_entropy(hidden, w1, labels, label_smoothing=1.5)
+    with pytest.raises(ValueError, match=r"logit_softcap must be > 0 or None, got 0"):
+        mk.linear_cross_entropy(hidden, w1, labels, logit_softcap=0)
+    with pytest.raises(ValueError, match=r"weight_requires_grad must have one flag per weight block \(2\), got 1"):
+        mk.linear_cross_entropy(hidden, (w1, w2), labels, weight_requires_grad=(True,))
+    with pytest.raises(ValueError, match=r"weight must be a tensor or a non-empty tuple"):
+        mk.linear_cross_entropy(hidden, (), labels)
