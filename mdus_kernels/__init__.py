@@ -9,7 +9,7 @@ from mdus_kernels import _backend
 # Load the C++/CUDA kernels before the Python ops register into the same `mdus` namespace. Never raises.
 _backend.load_extension()
 
-from mdus_kernels.ops.linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from mdus_kernels.ops.linear_cross_entropy import linear_cross_entropy, linear_kl_div  # noqa: E402
 from mdus_kernels.ops.patch_pool import (  # noqa: E402
     boundary_patch_offsets,
     patch_pool,
@@ -17,5 +17,12 @@ from mdus_kernels.ops.patch_pool import (  # noqa: E402
     static_patch_offsets,
 )
 
-__all__ = ["linear_cross_entropy", "patch_pool", "patch_unpool", "static_patch_offsets", "boundary_patch_offsets"]
+__all__ = [
+    "boundary_patch_offsets",
+    "linear_cross_entropy",
+    "linear_kl_div",
+    "patch_pool",
+    "patch_unpool",
+    "static_patch_offsets",
+]
 __version__ = "0.1.0"

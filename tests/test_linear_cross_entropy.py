@@ -180,3 +180,93 @@ def test_bad_arguments():
         mk.linear_cross_entropy(hidden, (w1, w2), labels, weight_requires_grad=(True,))
     with pytest.raises(ValueError, match=r"weight must be a tensor or a non-empty tuple"):
         mk.linear_cross_entropy(hidden, (), labels)
+
+
+# --------------------------------------------------------------------------------------------------- linear_kl_div
+
+VT, DT = 70, 16  # teacher vocabulary (a prefix of the student's V1 + V2) and hidden size
+
+
+def make_kl(dtype, seed):
+    hidden, w1, w2, _ = make(dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    teacher_hidden = torch.randn(N, DT, generator=gen).to(dtype)
+    teacher_weight = (torch.randn(VT, DT, generator=gen) * 0.3).to(dtype)
+    mask = torch.rand(N, generator=gen) < 0.7
+    return hidden, w1, w2, teacher_hidden, teacher_weight, mask
+
+
+def eager_kl(hidden, weights, teacher_hidden, teacher_weight, mask, temperature=1.0, reduction="mean"):
+    log_ps = torch.log_softmax(F.linear(hidden, torch.cat(weights)) / temperature, -1)
+    log_pt = torch.log_softmax(F.linear(teacher_hidden, teacher_weight) / temperature, -1)
+    kl = F.kl_div(log_ps[:, :VT], log_pt, log_target=True, reduction="none").sum(-1)
+    kl = torch.where(mask, kl, 0.0)
+    if reduction == "none":
+        return kl
+    return kl.sum() if reduction == "sum" else kl.sum() / mask.sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kl_matches_eager_float64(reduction, temperature):
+    hidden, w1, w2, th, tw, mask = make_kl(torch.float64, 10)
+    upstream = torch.randn(N if reduction == "none" else (), dtype=torch.float64)
+    kw = dict(temperature=temperature, reduction=reduction)
+    got = grads(lambda h, w: mk.linear_kl_div(h, w, th, tw, mask=mask, **kw), hidden, w1, w2, upstream)
+    exp = grads(lambda h, w: eager_kl(h, w, th, tw, mask, **kw), hidden, w1, w2, upstream)
+    for g, e in zip(got, exp, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kl_low_precision_error_vs_eager(dtype):
+    hidden, w1, w2, th, tw, mask = make_kl(dtype, 11)
+    up = torch.tensor(1.0)
+    truth = grads(lambda h, w: eager_kl(h, w, th.double(), tw.double(), mask), hidden.double(), w1.double(),
+                  w2.double(), up.double())
+    got = grads(lambda h, w: mk.linear_kl_div(h, w, th, tw, mask=mask), hidden, w1, w2, up)
+    ref = grads(lambda h, w: eager_kl(h, w, th, tw, mask), hidden, w1, w2, up)
+    for g, r, t in zip(got, ref, truth, strict=True):
+        assert (g.double() - t).abs().max() <= 2 * (r.double() - t).abs().max() + 1e-6
+
+
+def test_kl_empty_mask_and_identical_models():
+    hidden, w1, w2, th, tw, _ = make_kl(torch.float32, 12)
+    none = torch.zeros(N, dtype=torch.bool)
+    loss, gh, gw = grads(lambda h, w: mk.linear_kl_div(h, w, th, tw, mask=none), hidden, w1, w2, torch.tensor(1.0))
+    assert loss.item() == 0 and not gh.any() and not gw.any()
+    # A student identical to its teacher (same vocabulary) has KL 0.
+    w = torch.cat([w1, w2])
+    assert mk.linear_kl_div(hidden, w, hidden, w).abs().item() < 1e-5
+
+
+def test_kl_gradcheck_opcheck_compile():
+    hidden, w1, w2, th, tw, mask = make_kl(torch.float64, 13)
+    h9, w2r = hidden[:9].clone().requires_grad_(), w2.clone().requires_grad_()
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda h, b, r=reduction: mk.linear_kl_div(h, (w1, b), th[:9], tw, mask=mask[:9], temperature=2.0,
+                                                       reduction=r), (h9, w2r))
+        torch.library.opcheck(torch.ops.mdus.linear_kl_div.default,
+                              (h9, [w1, w2r], th[:9], tw, mask[:9], 2.0, reduction, True, [False, True]))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, b: mk.linear_kl_div(h, (w1, b), th, tw, mask=mask), fullgraph=True,
+                             backend="aot_eager")
+    got = grads(lambda h, w: compiled(h, w[1]), hidden, w1, w2, torch.tensor(1.0))
+    exp = grads(lambda h, w: eager_kl(h, w, th, tw, mask), hidden, w1, w2, torch.tensor(1.0))
+    for g, e in zip(got, exp, strict=True):
+        torch.testing.assert_close(g, e)
+
+
+def test_kl_bad_arguments():
+    hidden, w1, w2, th, tw, mask = make_kl(torch.float32, 14)
+    with pytest.raises(ValueError, match=r"teacher_weight must have at most V_s=101 rows.*got 102"):
+        mk.linear_kl_div(hidden, (w1, w2), th, torch.randn(102, DT))
+    with pytest.raises(ValueError, match=r"teacher_hidden must have N=37 rows \(like student_hidden\), got 36"):
+        mk.linear_kl_div(hidden, (w1, w2), th[1:], tw)
+    with pytest.raises(ValueError, match=r"teacher_weight must have d=16 columns \(like teacher_hidden\)"):
+        mk.linear_kl_div(hidden, (w1, w2), th, torch.randn(VT, 15))
+    with pytest.raises(TypeError, match=r"mask must have dtype in \(bool\), got int64"):
+        mk.linear_kl_div(hidden, (w1, w2), th, tw, mask=mask.long())
+    with pytest.raises(ValueError, match=r"temperature must be > 0, got 0"):
+        mk.linear_kl_div(hidden, (w1, w2), th, tw, temperature=0)

@@ -16,6 +16,11 @@
     Gradients: always for ``hidden`` (when it requires grad); for a weight block only when it requires grad. The
     (N, V) logits are never materialized: every backend works on row chunks.
 
+``linear_kl_div(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, temperature, reduction)``
+    KL(teacher || student) of the two heads' next-token distributions at each position selected by ``mask``
+    (SALAD's cross-modal distillation); see ``kl_logits_to_grad_``. Reductions as above, "mean" over the selected
+    positions (0 when none is selected). Gradients reach the student side only.
+
 ``logits_to_grad_(logits, labels, ...)`` is the row math on one chunk, shared by every backend's chunk loop: it
 returns the per-row losses and overwrites ``logits`` with ``d(sum_i scale_i * loss_i) / d(logits)``.
 """
@@ -53,3 +58,28 @@ def logits_to_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
         if d_cap is not None:
             s.mul_(d_cap)
     return loss
+
+
+def kl_logits_to_grad_(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float,
+                       row_scale: torch.Tensor | None, compute_grad: bool) -> torch.Tensor:
+    """KL(teacher || student) per row of a chunk: (C, V_s) student and (C, V_t) teacher logits, ``V_t <= V_s``.
+
+    Both sides are ``softmax(logits / temperature)``; the student normalizes over its whole vocabulary and the
+    teacher's vocabulary is the student's first ``V_t`` entries (the teacher gives the rest probability 0):
+    ``kl_i = sum_{j < V_t} p_t[j] * (log p_t[j] - log p_s[j])``, 0 where ``mask`` is False. No temperature**2
+    factor is applied. With ``compute_grad``, ``student`` becomes ``row_scale * (p_s - p_t) / temperature``, the
+    gradient with respect to the student's logits (the teacher gets none).
+    """
+    vt = teacher.shape[1]
+    log_ps = torch.log_softmax(student / temperature, dim=1)
+    log_pt = torch.log_softmax(teacher / temperature, dim=1)
+    pt = log_pt.exp()
+    # xlogy-style: a teacher probability of exactly 0 contributes 0, even where its log is -inf.
+    kl = torch.where(pt > 0, pt * (log_pt - log_ps[:, :vt]), 0.0).sum(1)
+    kl = torch.where(mask, kl, 0.0)
+    if compute_grad:
+        scale = mask.to(student.dtype) if row_scale is None else torch.where(mask, row_scale.to(student.dtype), 0.0)
+        student.copy_(log_ps.exp_())
+        student[:, :vt] -= pt
+        student.mul_((scale / temperature).unsqueeze(1))
+    return kl
