@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--tokens", type=int, nargs="+", help="N (default cpu: 4096; cuda: 4096 8192 16384 32768)")
-    p.add_argument("--dims", type=int, nargs="+", help="d (default cpu: 576 960; cuda: 576 960 2048)")
+    p.add_argument("--dims", type=int, nargs="+", help="d (default cpu: 576; cuda: 576 960 2048)")
     p.add_argument("--vocab", type=int, nargs="+", default=[49152, 62344], help="V (default 49152 62344)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default cpu: float32, cuda: bfloat16")
     p.add_argument("--heads", nargs="+", default=["frozen", "trainable"], choices=["frozen", "trainable"])
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
         tokens, dims, vocab, timing = [256], [64], [4096], dict(warmup=1, rep=3, budget_s=0.5)
     else:
         tokens = args.tokens or ([4096, 8192, 16384, 32768] if cuda else [4096])
-        dims = args.dims or ([576, 960, 2048] if cuda else [576, 960])
+        dims = args.dims or ([576, 960, 2048] if cuda else [576])
         vocab, timing = args.vocab, {}
     impls = ["eager", "mdus"] + (["liger"] if cuda else [])
     tag = C.device_tag(device)

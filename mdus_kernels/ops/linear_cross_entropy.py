@@ -141,6 +141,13 @@ def _fake_backward(hidden, weights, hidden_grad, weight_grad):
                                                                                        strict=True)]
 
 
+def _no_grads_for_grad_outputs(ctx, grad_h, grad_w):
+    # The gradient outputs are not differentiable, and autograd must not allocate zero "gradients" for them: for a
+    # trainable head that would be another (V, d) buffer at the peak.
+    ctx.mark_non_differentiable(grad_h, *grad_w)
+    ctx.set_materialize_grads(False)
+
+
 def _scaled_or_recomputed(ctx, grad_loss, recompute):
     """Backward of both loss ops: scale the forward's gradients, or (reduction="none") recompute them."""
     if ctx.reduction == "none":
@@ -195,6 +202,7 @@ def _lce_setup_context(ctx, inputs, output):
     ctx.reduction, ctx.hidden_grad, ctx.weight_grad = reduction, hidden_grad, list(weight_grad)
     ctx.args = (ignore_index, label_smoothing, softcap)
     _, grad_h, grad_w = output
+    _no_grads_for_grad_outputs(ctx, grad_h, grad_w)
     if reduction == "none":
         ctx.save_for_backward(hidden, labels, *weights)
     else:
@@ -248,6 +256,7 @@ def _lkl_setup_context(ctx, inputs, output):
     ctx.reduction, ctx.hidden_grad, ctx.weight_grad, ctx.temperature = reduction, hidden_grad, list(weight_grad), \
         temperature
     _, grad_h, grad_w = output
+    _no_grads_for_grad_outputs(ctx, grad_h, grad_w)
     if reduction == "none":
         ctx.save_for_backward(hidden, teacher_hidden, teacher_weight, mask, *weights)
     else:

@@ -33,28 +33,37 @@ REDUCTIONS = ("mean", "sum", "none")
 def logits_to_grad_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
                     softcap: float, row_scale: torch.Tensor | None, compute_grad: bool) -> torch.Tensor:
     """(C, V) fp32 logits chunk -> (C,) fp32 losses; with ``compute_grad`` the chunk becomes the loss gradient,
-    each row scaled by ``row_scale`` (C,) (ignored rows: 0)."""
+    each row scaled by ``row_scale`` (C,) (ignored rows: 0). The chunk is scratch space either way.
+
+    Everything happens in place on the chunk (one exp pass, the softmax as exp(s - max) / sum), so the only
+    chunk-sized buffer is the chunk itself (plus tanh's derivative with a softcap).
+    """
     v = logits.shape[1]
     valid = labels != ignore_index
     safe = torch.where(valid, labels, 0).unsqueeze(1)
     s = logits
+    d_cap = None
     if softcap:
-        s = s.div_(softcap).tanh_().mul_(softcap)
-    lse = torch.logsumexp(s, dim=1)
+        s.div_(softcap).tanh_()
+        if compute_grad:
+            d_cap = 1 - s * s  # d (c * tanh(z / c)) / dz
+        s.mul_(softcap)
     target = s.gather(1, safe).squeeze(1)
-    loss = lse - (1 - label_smoothing) * target
+    sum_s = s.sum(1) if label_smoothing else None
+    row_max = s.amax(1, keepdim=True)
+    s.sub_(row_max).exp_()
+    sum_exp = s.sum(1)
+    loss = row_max.squeeze(1) + sum_exp.log() - (1 - label_smoothing) * target
     if label_smoothing:
-        loss -= (label_smoothing / v) * s.sum(1)
+        loss -= (label_smoothing / v) * sum_s
     loss = torch.where(valid, loss, 0.0)
     if compute_grad:
         scale = valid.to(s.dtype) if row_scale is None else torch.where(valid, row_scale.to(s.dtype), 0.0)
-        d_cap = (1 - (s / softcap) ** 2) if softcap else None  # d s / d z, from s itself
-        # scale * (softmax - (1 - eps) * onehot - eps / V), the softmax from exp(s - lse) in place.
-        s.sub_(lse.unsqueeze(1)).exp_()
+        # scale * (softmax - (1 - eps) * onehot - eps / V)
+        s.mul_((scale / sum_exp).unsqueeze(1))
         if label_smoothing:
-            s.sub_(label_smoothing / v)
-        s.scatter_add_(1, safe, torch.full_like(target, -(1 - label_smoothing)).unsqueeze(1))
-        s.mul_(scale.unsqueeze(1))
+            s.sub_((scale * (label_smoothing / v)).unsqueeze(1))
+        s.scatter_add_(1, safe, (-(1 - label_smoothing) * scale).unsqueeze(1))
         if d_cap is not None:
             s.mul_(d_cap)
     return loss
