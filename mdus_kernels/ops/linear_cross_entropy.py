@@ -45,12 +45,13 @@ def _check_labels_values(labels: torch.Tensor, v: int, ignore_index: int) -> Non
                          f"got labels[{i}]={int(labels[i])}")
 
 
-def _chunk_loop(hidden, weights, row_fn, row_scale, hidden_grad, weight_grad):
+def _chunk_loop(hidden, weights, row_fn, row_scale, hidden_grad, weight_grad, cast_grads=True):
     """Runs ``row_fn`` over row chunks of ``hidden @ cat(weights).T``.
 
     ``row_fn(logits, start, stop, row_scale, compute_grad)`` returns the chunk's per-row losses and, with
     ``compute_grad``, overwrites the logits with d(sum row_scale * loss)/d(logits). Returns (per-row losses,
-    grad_hidden or None, [grad_W_b or None]).
+    grad_hidden or None, [grad_W_b or None]): in the inputs' dtypes, or in the accumulation dtype with
+    ``cast_grads=False`` (so that a later scaling rounds only once).
     """
     n = hidden.shape[0]
     dt = _compute_dtype(hidden)
@@ -60,7 +61,7 @@ def _chunk_loop(hidden, weights, row_fn, row_scale, hidden_grad, weight_grad):
         bounds.append(bounds[-1] + b.shape[0])
     acc = _loss_dtype(hidden)
     losses = torch.empty(n, dtype=acc, device=hidden.device)
-    grad_h = torch.empty_like(hidden) if hidden_grad else None
+    grad_h = torch.empty_like(hidden, dtype=acc) if hidden_grad else None
     grad_w = [torch.zeros(b.shape, dtype=acc, device=b.device) if g else None
               for b, g in zip(weights, weight_grad, strict=True)]
     compute_grad = hidden_grad or any(weight_grad)
@@ -75,11 +76,13 @@ def _chunk_loop(hidden, weights, row_fn, row_scale, hidden_grad, weight_grad):
             continue
         dlogits = logits.to(dt)
         if hidden_grad:
-            grad_h[start:stop] = dlogits @ w
+            grad_h[start:stop] = (dlogits @ w).to(acc)
         for i, g in enumerate(grad_w):
             if g is not None:
                 g.addmm_(dlogits[:, bounds[i]:bounds[i + 1]].T.to(acc), h.to(acc))
-    grad_w = [None if g is None else g.to(b.dtype) for g, b in zip(grad_w, weights, strict=True)]
+    if cast_grads:
+        grad_h = None if grad_h is None else grad_h.to(hidden.dtype)
+        grad_w = [None if g is None else g.to(b.dtype) for g, b in zip(grad_w, weights, strict=True)]
     return losses, grad_h, grad_w
 
 
@@ -102,35 +105,30 @@ def _kl_rows(teacher_hidden, teacher_weight, mask, temperature):
     return row_fn
 
 
-def _reduce(losses: torch.Tensor, selected: torch.Tensor, reduction: str):
-    """(loss, scale of the gradients computed in the forward); "mean" is over the selected rows, 0 if none."""
-    if reduction == "none":
-        return losses, None
-    total = losses.sum()
-    if reduction == "sum":
-        return total, 1.0
-    n_valid = int(selected.sum())
-    return (total / n_valid if n_valid else total), 1.0 / max(n_valid, 1)
-
-
 def _forward(hidden, weights, row_fn, selected, reduction, hidden_grad, weight_grad):
-    """Shared forward of the loss ops: gradients are computed here only when the upstream gradient will be a
-    scalar (mean/sum); "none" leaves them to the recomputing backward op."""
+    """Shared forward of the loss ops. For mean/sum the gradients are computed here, scaled by 1/#selected (mean)
+    inside the row math and kept in the accumulation dtype until the backward applies the upstream gradient, so
+    low-precision gradients are rounded once. "none" leaves them to the recomputing backward op."""
     eager_grads = reduction != "none"
-    losses, grad_h, grad_w = _chunk_loop(hidden, weights, row_fn, None, hidden_grad and eager_grads,
-                                         [g and eager_grads for g in weight_grad])
-    loss, scale = _reduce(losses, selected, reduction)
-    if scale is not None and scale != 1.0:
-        grad_h = None if grad_h is None else grad_h.mul_(scale)
-        grad_w = [None if g is None else g.mul_(scale) for g in grad_w]
+    n_selected = int(selected.sum()) if reduction == "mean" else 1
+    scale = torch.full((hidden.shape[0],), 1.0 / max(n_selected, 1), dtype=_loss_dtype(hidden),
+                       device=hidden.device)
+    losses, grad_h, grad_w = _chunk_loop(hidden, weights, row_fn, scale, hidden_grad and eager_grads,
+                                         [g and eager_grads for g in weight_grad], cast_grads=False)
+    if reduction == "none":
+        loss = losses
+    else:
+        # mean over the selected rows; 0 (not NaN) when none is selected
+        loss = losses.sum() / max(n_selected, 1)
     return loss, _or_empty(grad_h, hidden), [_or_empty(g, hidden) for g in grad_w]
 
 
 def _fake_forward(hidden, weights, reduction, hidden_grad, weight_grad):
     eager_grads = reduction != "none"
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(hidden))
-    grad_h = torch.empty_like(hidden) if hidden_grad and eager_grads else hidden.new_empty(0)
-    grad_w = [torch.empty_like(w) if g and eager_grads else hidden.new_empty(0)
+    acc = _loss_dtype(hidden)
+    grad_h = torch.empty_like(hidden, dtype=acc) if hidden_grad and eager_grads else hidden.new_empty(0)
+    grad_w = [torch.empty_like(w, dtype=acc) if g and eager_grads else hidden.new_empty(0)
               for w, g in zip(weights, weight_grad, strict=True)]
     return loss, grad_h, grad_w
 
@@ -150,12 +148,14 @@ def _no_grads_for_grad_outputs(ctx, grad_h, grad_w):
 
 def _scaled_or_recomputed(ctx, grad_loss, recompute):
     """Backward of both loss ops: scale the forward's gradients, or (reduction="none") recompute them."""
+    if grad_loss is None:  # the loss itself received no gradient (grads are not materialized)
+        return None, [None] * len(ctx.weight_grad)
     if ctx.reduction == "none":
         grad_h, grad_w = recompute()
     else:
         grad_h, *grad_w = ctx.saved_tensors
-        grad_h = grad_h * grad_loss.to(grad_h.dtype)
-        grad_w = [g * grad_loss.to(g.dtype) for g in grad_w]
+        grad_h = (grad_h * grad_loss).to(ctx.hidden_dtype)
+        grad_w = [(g * grad_loss).to(ctx.hidden_dtype) for g in grad_w]
     return (grad_h if ctx.hidden_grad else None,
             [g if flag else None for g, flag in zip(grad_w, ctx.weight_grad, strict=True)])
 
@@ -203,6 +203,7 @@ def _lce_setup_context(ctx, inputs, output):
     ctx.args = (ignore_index, label_smoothing, softcap)
     _, grad_h, grad_w = output
     _no_grads_for_grad_outputs(ctx, grad_h, grad_w)
+    ctx.hidden_dtype = inputs[0].dtype  # weights share it (checked by the public functions)
     if reduction == "none":
         ctx.save_for_backward(hidden, labels, *weights)
     else:
@@ -257,6 +258,7 @@ def _lkl_setup_context(ctx, inputs, output):
         temperature
     _, grad_h, grad_w = output
     _no_grads_for_grad_outputs(ctx, grad_h, grad_w)
+    ctx.hidden_dtype = inputs[0].dtype  # weights share it (checked by the public functions)
     if reduction == "none":
         ctx.save_for_backward(hidden, teacher_hidden, teacher_weight, mask, *weights)
     else:
