@@ -139,11 +139,23 @@ def _fake_backward(hidden, weights, hidden_grad, weight_grad):
                                                                                        strict=True)]
 
 
-def _no_grads_for_grad_outputs(ctx, grad_h, grad_w):
+def _recompute(grad_loss, hidden, weights, row_fn, hidden_grad, weight_grad):
+    """Body of the recomputing backward ops (reduction="none"): gradients of sum(grad_loss * loss)."""
+    _, grad_h, grad_w = _chunk_loop(hidden, weights, row_fn, grad_loss.to(_loss_dtype(hidden)), hidden_grad,
+                                    weight_grad)
+    return _or_empty(grad_h, hidden), [_or_empty(g, hidden) for g in grad_w]
+
+
+def _setup(ctx, output, reduction, hidden, hidden_grad, weight_grad, recompute_inputs):
+    """setup_context of both loss ops: save the forward's gradients, or (reduction="none") what recomputes them."""
+    ctx.reduction, ctx.hidden_grad, ctx.weight_grad = reduction, hidden_grad, list(weight_grad)
+    ctx.hidden_dtype = hidden.dtype  # the weights share it (checked by the public functions)
+    _, grad_h, grad_w = output
     # The gradient outputs are not differentiable, and autograd must not allocate zero "gradients" for them: for a
     # trainable head that would be another (V, d) buffer at the peak.
     ctx.mark_non_differentiable(grad_h, *grad_w)
     ctx.set_materialize_grads(False)
+    ctx.save_for_backward(*(recompute_inputs if reduction == "none" else (grad_h, *grad_w)))
 
 
 def _scaled_or_recomputed(ctx, grad_loss, recompute):
@@ -186,10 +198,8 @@ def _(hidden, weights, labels, ignore_index, reduction, label_smoothing, softcap
 def _lce_backward_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weights: list[torch.Tensor],
                      labels: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float,
                      hidden_grad: bool, weight_grad: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Recomputing backward for reduction="none": gradients of sum(grad_loss * loss)."""
-    _, grad_h, grad_w = _chunk_loop(hidden, weights, _ce_rows(labels, ignore_index, label_smoothing, softcap),
-                                    grad_loss.to(_loss_dtype(hidden)), hidden_grad, weight_grad)
-    return _or_empty(grad_h, hidden), [_or_empty(g, hidden) for g in grad_w]
+    return _recompute(grad_loss, hidden, weights, _ce_rows(labels, ignore_index, label_smoothing, softcap),
+                      hidden_grad, weight_grad)
 
 
 @_lce_backward_op.register_fake
@@ -199,15 +209,8 @@ def _(grad_loss, hidden, weights, labels, ignore_index, label_smoothing, softcap
 
 def _lce_setup_context(ctx, inputs, output):
     hidden, weights, labels, ignore_index, reduction, label_smoothing, softcap, hidden_grad, weight_grad = inputs
-    ctx.reduction, ctx.hidden_grad, ctx.weight_grad = reduction, hidden_grad, list(weight_grad)
     ctx.args = (ignore_index, label_smoothing, softcap)
-    _, grad_h, grad_w = output
-    _no_grads_for_grad_outputs(ctx, grad_h, grad_w)
-    ctx.hidden_dtype = inputs[0].dtype  # weights share it (checked by the public functions)
-    if reduction == "none":
-        ctx.save_for_backward(hidden, labels, *weights)
-    else:
-        ctx.save_for_backward(grad_h, *grad_w)
+    _setup(ctx, output, reduction, hidden, hidden_grad, weight_grad, (hidden, labels, *weights))
 
 
 def _lce_backward(ctx, grad_loss, _grad_h, _grad_w):
@@ -241,10 +244,8 @@ def _lkl_backward_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weights: lis
                      teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, mask: torch.Tensor,
                      temperature: float, hidden_grad: bool,
                      weight_grad: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Recomputing backward for reduction="none": gradients of sum(grad_loss * kl)."""
-    _, grad_h, grad_w = _chunk_loop(hidden, weights, _kl_rows(teacher_hidden, teacher_weight, mask, temperature),
-                                    grad_loss.to(_loss_dtype(hidden)), hidden_grad, weight_grad)
-    return _or_empty(grad_h, hidden), [_or_empty(g, hidden) for g in grad_w]
+    return _recompute(grad_loss, hidden, weights, _kl_rows(teacher_hidden, teacher_weight, mask, temperature),
+                      hidden_grad, weight_grad)
 
 
 @_lkl_backward_op.register_fake
@@ -254,15 +255,9 @@ def _(grad_loss, hidden, weights, teacher_hidden, teacher_weight, mask, temperat
 
 def _lkl_setup_context(ctx, inputs, output):
     hidden, weights, teacher_hidden, teacher_weight, mask, temperature, reduction, hidden_grad, weight_grad = inputs
-    ctx.reduction, ctx.hidden_grad, ctx.weight_grad, ctx.temperature = reduction, hidden_grad, list(weight_grad), \
-        temperature
-    _, grad_h, grad_w = output
-    _no_grads_for_grad_outputs(ctx, grad_h, grad_w)
-    ctx.hidden_dtype = inputs[0].dtype  # weights share it (checked by the public functions)
-    if reduction == "none":
-        ctx.save_for_backward(hidden, teacher_hidden, teacher_weight, mask, *weights)
-    else:
-        ctx.save_for_backward(grad_h, *grad_w)
+    ctx.temperature = temperature
+    _setup(ctx, output, reduction, hidden, hidden_grad, weight_grad,
+           (hidden, teacher_hidden, teacher_weight, mask, *weights))
 
 
 def _lkl_backward(ctx, grad_loss, _grad_h, _grad_w):
