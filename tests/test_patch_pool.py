@@ -182,7 +182,7 @@ def test_unpool_and_its_backward(device, backend, use_backend):
     torch.testing.assert_close(p.grad, expected)
 
 
-GRADCHECK_BACKENDS = [b for b in backends_for("cpu", "patch_pool_kernel")]
+GRADCHECK_BACKENDS = backends_for("cpu", "patch_pool_kernel")
 
 
 @pytest.mark.parametrize("backend", GRADCHECK_BACKENDS)

@@ -323,9 +323,9 @@ def boundary_patch_offsets(is_patch_start: torch.Tensor, cu_seqlens: torch.Tenso
     """
     _check_cu_seqlens(cu_seqlens)
     check_tensor(is_patch_start, "is_patch_start", ndim=1, dtypes=(torch.bool,), device=cu_seqlens.device)
-    n = is_patch_start.shape[0]
-    if int(cu_seqlens[-1]) != n:
-        raise ValueError(f"cu_seqlens[-1] must equal is_patch_start.shape[0]={n}, got {int(cu_seqlens[-1])}")
+    n, total = is_patch_start.shape[0], int(cu_seqlens[-1])
+    if total != n:
+        raise ValueError(f"cu_seqlens[-1] must equal is_patch_start.shape[0]={n}, got {total}")
     cu = cu_seqlens.long()
     starts = is_patch_start.clone()
     starts[cu[:-1][cu[1:] > cu[:-1]]] = True  # every non-empty sequence opens a patch
