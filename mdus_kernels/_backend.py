@@ -81,7 +81,7 @@ def requested_backend() -> str:
     return value
 
 
-def _available(backend: str, native_op: str, device: torch.device) -> str | None:
+def _available(backend: str, native_op: str | None, device: torch.device) -> str | None:
     """None when ``backend`` can run on ``device``, else the reason it cannot."""
     if backend == "reference":
         return None
@@ -94,14 +94,17 @@ def _available(backend: str, native_op: str, device: torch.device) -> str | None
     expected = {"cpp": "cpu", "cuda": "cuda"}[backend]
     if device.type != expected:
         return f"the {backend} backend runs {expected} tensors, got {device.type} tensors"
+    if native_op is None:  # the op's native path is ATen's own C++ kernels (CPU only)
+        return None if backend == "cpp" else "this op has no CUDA C++ kernel"
     if not has_native_kernel(native_op, device):
         return f"mdus_kernels._C has no {expected} kernel for mdus::{native_op} (not built, or failed to load)"
     return None
 
 
-def choose_backend(native_op: str, device: torch.device, *, gpu_default: str = "triton") -> str:
-    """The backend that runs this call. ``native_op`` names the C++/CUDA kernel, ``gpu_default`` the faster GPU
-    backend for the op (as measured by its benchmark)."""
+def choose_backend(native_op: str | None, device: torch.device, *, gpu_default: str = "triton") -> str:
+    """The backend that runs this call. ``native_op`` names the C++/CUDA kernel in ``_C`` (None when the op's
+    CPU path is built from ATen's own C++ kernels), ``gpu_default`` the faster GPU backend for the op (as measured
+    by its benchmark)."""
     backend = requested_backend()
     if backend != "auto":
         reason = _available(backend, native_op, device)
