@@ -9,6 +9,7 @@ from mdus_kernels import _backend
 # Load the C++/CUDA kernels before the Python ops register into the same `mdus` namespace. Never raises.
 _backend.load_extension()
 
+from mdus_kernels.ops.attention import attention  # noqa: E402
 from mdus_kernels.ops.linear_cross_entropy import linear_cross_entropy, linear_kl_div  # noqa: E402
 from mdus_kernels.ops.patch_pool import (  # noqa: E402
     boundary_patch_offsets,
@@ -18,6 +19,7 @@ from mdus_kernels.ops.patch_pool import (  # noqa: E402
 )
 
 __all__ = [
+    "attention",
     "boundary_patch_offsets",
     "linear_cross_entropy",
     "linear_kl_div",

@@ -554,8 +554,9 @@ def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, prefix_lens = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = torch.ops.mdus.attention_bwd(dout.contiguous(), dlse, q, k, v, out, lse, cu_q, cu_k, prefix_lens,
-                                              *ctx.args)
+    # Upstream gradients may arrive expanded or strided (e.g. from a sum); the kernels index dlse densely.
+    dq, dk, dv = torch.ops.mdus.attention_bwd(dout.contiguous(), None if dlse is None else dlse.contiguous(), q, k, v,
+                                              out, lse, cu_q, cu_k, prefix_lens, *ctx.args)
     return dq, dk, dv, None, None, None, None, None, None, None, None
 
 

@@ -49,13 +49,17 @@ def visible(lq: int, lk: int, causal: bool, prefix_len: int, device=None) -> tor
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
               cu_seqlens_k: torch.Tensor, *, causal: bool = True, prefix_lens: torch.Tensor | None = None,
-              softmax_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed attention, one sequence at a time with explicit fp32 scores. Returns ``(out, lse)``: ``out`` is
-    ``(total_q, Hq, D)`` in ``q.dtype`` and ``lse`` is ``(Hq, total_q)``. Differentiable by autograd."""
+              softmax_scale: float | None = None,
+              compute_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed attention, one sequence at a time with explicit scores. Returns ``(out, lse)``: ``out`` is
+    ``(total_q, Hq, D)`` in ``q.dtype`` and ``lse`` is ``(Hq, total_q)``. Differentiable by autograd.
+
+    ``compute_dtype`` overrides the fp32 (fp64) computation, e.g. ``q.dtype`` to measure the error that plain
+    PyTorch makes in low precision (the yardstick of the tests' tolerance rule)."""
     total_q, hq, d = q.shape
     hkv = k.shape[1]
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
-    acc = acc_dtype(q.dtype)
+    acc = compute_dtype or acc_dtype(q.dtype)
     out = q.new_zeros(total_q, hq, v.shape[-1], dtype=acc)
     lse = q.new_full((total_q, hq), float("-inf"), dtype=acc)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
