@@ -13,19 +13,22 @@ from conftest import backends_for
 import mdus_kernels as mk
 from mdus_kernels.reference import attention as ref
 
-BACKENDS = backends_for("cpu", None)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# (device, backend) pairs: on a GPU machine the Triton kernels run on CUDA tensors, else under the interpreter.
+DEV_BACKENDS = [(dev, b) for dev in DEVICES for b in backends_for(dev, None)]
+KERNELS = [(dev, b) for dev, b in DEV_BACKENDS if b != "reference"]
 LOWP = (torch.float16, torch.bfloat16)
 
 
-def _cu(lengths) -> torch.Tensor:
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+def _cu(lengths, dev="cpu") -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=dev)
 
 
-def _inputs(total_q, total_k, hq, hkv, d, dtype, seed):
+def _inputs(total_q, total_k, hq, hkv, d, dtype, seed, dev="cpu"):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(total_q, hq, d, generator=g).to(dtype)
-    k = torch.randn(total_k, hkv, d, generator=g).to(dtype)
-    v = torch.randn(total_k, hkv, d, generator=g).to(dtype)
+    q = torch.randn(int(total_q), hq, d, generator=g).to(dev, dtype)
+    k = torch.randn(int(total_k), hkv, d, generator=g).to(dev, dtype)
+    v = torch.randn(int(total_k), hkv, d, generator=g).to(dev, dtype)
     return q, k, v
 
 
@@ -59,8 +62,8 @@ def _compare(backend, use_backend, q, k, v, cu_q, cu_k, *, causal, prefix=None, 
     use_backend(backend)
     dtype = q.dtype
     g = torch.Generator().manual_seed(seed + 1)
-    dout = torch.randn(q.shape, generator=g)
-    dlse = torch.randn(q.shape[1], q.shape[0], generator=g)
+    dout = torch.randn(q.shape, generator=g).to(q.device)
+    dlse = torch.randn(q.shape[1], q.shape[0], generator=g).to(q.device)
     max_q = int((cu_q[1:] - cu_q[:-1]).max()) if cu_q.numel() > 1 else 0
     max_k = int((cu_k[1:] - cu_k[:-1]).max()) if cu_k.numel() > 1 else 0
     cu = cu_q if cu_q is cu_k else (cu_q, cu_k)
@@ -138,16 +141,16 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("sq,sk,mask,group,d", CASES)
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_padded_matches_reference(backend, use_backend, dtype, sq, sk, mask, group, d):
-    if backend == "triton" and dtype == torch.float32 and d > 96:
+@pytest.mark.parametrize("dev,backend", DEV_BACKENDS)
+def test_padded_matches_reference(dev, backend, use_backend, dtype, sq, sk, mask, group, d):
+    if backend == "triton" and dev == "cpu" and dtype == torch.float32 and d > 96:
         pytest.skip("fp32 is covered at smaller head dims under the interpreter")
     b, hkv = 2, 1
     seed = sq * 7 + sk + group + d
-    q, k, v = _inputs(b * sq, b * sk, hkv * group, hkv, d, dtype, seed)
-    prefix = torch.tensor([sk // 2, 3], dtype=torch.int32) if mask == "prefix" else None
-    got_packed = _compare(backend, use_backend, q, k, v, torch.arange(b + 1, dtype=torch.int32) * sq,
-                          torch.arange(b + 1, dtype=torch.int32) * sk, causal=mask != "full", prefix=prefix,
+    q, k, v = _inputs(b * sq, b * sk, hkv * group, hkv, d, dtype, seed, dev)
+    prefix = torch.tensor([sk // 2, 3], dtype=torch.int32, device=dev) if mask == "prefix" else None
+    got_packed = _compare(backend, use_backend, q, k, v, torch.arange(b + 1, dtype=torch.int32, device=dev) * sq,
+                          torch.arange(b + 1, dtype=torch.int32, device=dev) * sk, causal=mask != "full", prefix=prefix,
                           seed=seed)
     # The padded layout is the same computation: it must agree bitwise with the packed call.
     out, lse = mk.attention(q.view(b, sq, -1, d), k.view(b, sk, hkv, d), v.view(b, sk, hkv, d),
@@ -157,35 +160,35 @@ def test_padded_matches_reference(backend, use_backend, dtype, sq, sk, mask, gro
 
 
 @pytest.mark.parametrize("mask", ["causal", "prefix", "full"])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_varlen_with_empty_sequences(backend, use_backend, mask):
+@pytest.mark.parametrize("dev,backend", DEV_BACKENDS)
+def test_varlen_with_empty_sequences(dev, backend, use_backend, mask):
     lengths = [0, 7, 1, 0, 30, 13, 0]
-    cu = _cu(lengths)
-    q, k, v = _inputs(cu[-1], cu[-1], 6, 2, 64, torch.bfloat16, 11)
-    prefix = torch.tensor([0, 3, 1, 5, 12, 40, 2]) if mask == "prefix" else None
+    cu = _cu(lengths, dev)
+    q, k, v = _inputs(cu[-1], cu[-1], 6, 2, 64, torch.bfloat16, 11, dev)
+    prefix = torch.tensor([0, 3, 1, 5, 12, 40, 2], device=dev) if mask == "prefix" else None
     got = _compare(backend, use_backend, q, k, v, cu, cu, causal=mask != "full", prefix=prefix, seed=5)
     # No leakage: each sequence alone gives the same rows (fp32 accumulation order may differ only by tiling).
     for i, n in enumerate(lengths):
         if n == 0:
             continue
         rows = slice(int(cu[i]), int(cu[i + 1]))
-        alone = mk.attention(q[rows], k[rows], v[rows], cu_seqlens=_cu([n]), max_seqlen=n, causal=mask != "full",
+        alone = mk.attention(q[rows], k[rows], v[rows], cu_seqlens=_cu([n], dev), max_seqlen=n, causal=mask != "full",
                              prefix_lens=None if prefix is None else prefix[i:i + 1])
         torch.testing.assert_close(alone, got[0][rows], atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_varlen_kv_cache_lengths(backend, use_backend):
+@pytest.mark.parametrize("dev,backend", DEV_BACKENDS)
+def test_varlen_kv_cache_lengths(dev, backend, use_backend):
     """Separate query and key lengths per sequence (decoding with a KV cache), bottom-right causal."""
-    cu_q, cu_k = _cu([1, 3, 0, 5]), _cu([9, 3, 4, 2])
-    q, k, v = _inputs(cu_q[-1], cu_k[-1], 4, 2, 32, torch.float16, 2)
+    cu_q, cu_k = _cu([1, 3, 0, 5], dev), _cu([9, 3, 4, 2], dev)
+    q, k, v = _inputs(cu_q[-1], cu_k[-1], 4, 2, 32, torch.float16, 2, dev)
     _compare(backend, use_backend, q, k, v, cu_q, cu_k, causal=True, seed=9)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_fully_masked_rows_are_zero(backend, use_backend):
+@pytest.mark.parametrize("dev,backend", DEV_BACKENDS)
+def test_fully_masked_rows_are_zero(dev, backend, use_backend):
     use_backend(backend)
-    q, k, v = _inputs(20, 7, 2, 1, 32, torch.float16, 4)
+    q, k, v = _inputs(20, 7, 2, 1, 32, torch.float16, 4, dev)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     out, lse = mk.attention(q[None], k[None], v[None], return_lse=True)
     assert (out[0, :13] == 0).all() and torch.isinf(lse[0, :, :13]).all() and (lse[0, :, :13] < 0).all()
@@ -195,23 +198,23 @@ def test_fully_masked_rows_are_zero(backend, use_backend):
     assert (q.grad[:13] == 0).all()
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_long_sequence(backend, use_backend):
+@pytest.mark.parametrize("dev,backend", KERNELS)
+def test_long_sequence(dev, backend, use_backend):
     """One 1023-token causal sequence (slow under the interpreter, so one dtype and one head)."""
-    q, k, v = _inputs(1023, 1023, 1, 1, 64, torch.float16, 8)
-    _compare(backend, use_backend, q, k, v, _cu([1023]), _cu([1023]), causal=True, seed=1)
+    q, k, v = _inputs(1023, 1023, 1, 1, 64, torch.float16, 8, dev)
+    _compare(backend, use_backend, q, k, v, _cu([1023], dev), _cu([1023], dev), causal=True, seed=1)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_deterministic(backend, use_backend):
+@pytest.mark.parametrize("dev,backend", KERNELS)
+def test_deterministic(dev, backend, use_backend):
     use_backend(backend)
-    cu = _cu([37, 5, 60])
-    q, k, v = _inputs(cu[-1], cu[-1], 6, 2, 64, torch.bfloat16, 6)
-    dout = torch.randn(q.shape).to(torch.bfloat16)
+    cu = _cu([37, 5, 60], dev)
+    q, k, v = _inputs(cu[-1], cu[-1], 6, 2, 64, torch.bfloat16, 6, dev)
+    dout = torch.randn(q.shape).to(dev, torch.bfloat16)
     results = []
     for _ in range(3):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = mk.attention(*leaves, cu_seqlens=cu, max_seqlen=60, prefix_lens=torch.tensor([10, 0, 30]),
+        out = mk.attention(*leaves, cu_seqlens=cu, max_seqlen=60, prefix_lens=torch.tensor([10, 0, 30], device=dev),
                            deterministic=True)
         results.append([out, *torch.autograd.grad(out, leaves, dout)])
     for again in results[1:]:
@@ -236,31 +239,31 @@ def test_gradcheck_float64(backend, use_backend):
 # ------------------------------------------------------------------------------------- registration and compile
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_opcheck(backend, use_backend):
+@pytest.mark.parametrize("dev,backend", KERNELS)
+def test_opcheck(dev, backend, use_backend):
     use_backend(backend)
-    cu = _cu([5, 0, 9])
-    q, k, v = (t.requires_grad_() for t in _inputs(14, 14, 4, 2, 32, torch.float32, 0))
+    cu = _cu([5, 0, 9], dev)
+    q, k, v = (t.requires_grad_() for t in _inputs(14, 14, 4, 2, 32, torch.float32, 0, dev))
     torch.library.opcheck(torch.ops.mdus.attention_fwd.default,
-                          (q, k, v, cu, cu, torch.tensor([2, 0, 4]), 9, 9, True, 0.2, False))
-    dout = torch.randn(q.shape)
+                          (q, k, v, cu, cu, torch.tensor([2, 0, 4], device=dev), 9, 9, True, 0.2, False))
+    dout = torch.randn(q.shape, device=dev)
     out, lse = torch.ops.mdus.attention_fwd(q, k, v, cu, cu, None, 9, 9, True, 0.2, False)
     torch.library.opcheck(torch.ops.mdus.attention_bwd.default,
                           (dout, None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu, cu, None,
                            9, 9, True, 0.2, False))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
-def test_torch_compile_fullgraph(backend, use_backend):
+@pytest.mark.parametrize("dev,backend", KERNELS)
+def test_torch_compile_fullgraph(dev, backend, use_backend):
     use_backend(backend)
-    cu = _cu([6, 10])
-    prefix = torch.tensor([3, 4])
+    cu = _cu([6, 10], dev)
+    prefix = torch.tensor([3, 4], device=dev)
 
     def step(q, k, v):
         return mk.attention(q, k, v, cu_seqlens=cu, max_seqlen=10, prefix_lens=prefix).float().square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    q, k, v = _inputs(16, 16, 4, 2, 32, torch.float32, 2)
+    q, k, v = _inputs(16, 16, 4, 2, 32, torch.float32, 2, dev)
     grads_eager = torch.autograd.grad(step(*(t.requires_grad_() for t in (q, k, v))), (q, k, v))
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     grads_compiled = torch.autograd.grad(compiled(q2, k2, v2), (q2, k2, v2))

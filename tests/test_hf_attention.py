@@ -16,7 +16,8 @@ from transformers import (
 import mdus  # noqa: F401  (registers "mdus")
 from mdus.attention import cu_seqlens_from_position_ids
 
-BACKENDS = [b for b in backends_for("cpu", None) if b != "reference"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEV_BACKENDS = [(dev, b) for dev in DEVICES for b in backends_for(dev, None) if b != "reference"]
 # SmolLM2's attention layout (9 query heads, 3 KV heads, head dim 64) at two layers; Qwen2 adds q/k/v biases;
 # Mistral a sliding window longer than the inputs.
 SHAPE = dict(vocab_size=128, hidden_size=576, intermediate_size=256, num_hidden_layers=2, num_attention_heads=9,
@@ -28,29 +29,29 @@ MODELS = {
 }
 
 
-def _model(name):
+def _model(name, dev="cpu"):
     torch.manual_seed(0)
-    return MODELS[name]().float()
+    return MODELS[name]().float().to(dev)
 
 
 def _logits_and_grads(model, impl, **batch):
     model.set_attn_implementation(impl)
     model.zero_grad()
     logits = model(**batch, use_cache=False).logits
-    valid = batch["attention_mask"].bool() if "attention_mask" in batch else torch.ones(logits.shape[:2], dtype=bool)
+    valid = batch["attention_mask"].bool()
     (logits[valid].float().square().mean()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return logits.detach(), valid, grads
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_padded_batch_matches_sdpa(name, backend, use_backend):
+@pytest.mark.parametrize("dev,backend", DEV_BACKENDS)
+def test_padded_batch_matches_sdpa(name, dev, backend, use_backend):
     use_backend(backend)
-    model = _model(name)
+    model = _model(name, dev)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 128, (3, 11), generator=g)
-    mask = torch.ones(3, 11, dtype=torch.long)
+    ids = torch.randint(0, 128, (3, 11), generator=g).to(dev)
+    mask = torch.ones(3, 11, dtype=torch.long, device=dev)
     mask[0, :4] = 0   # left padding
     mask[2, 8:] = 0   # right padding
     ref_logits, valid, ref_grads = _logits_and_grads(model, "sdpa", input_ids=ids, attention_mask=mask)
@@ -61,17 +62,17 @@ def test_padded_batch_matches_sdpa(name, backend, use_backend):
         torch.testing.assert_close(grads[n], ref_grads[n], atol=2e-5, rtol=1e-3, msg=n)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_packed_sequences_do_not_leak(backend, use_backend):
+@pytest.mark.parametrize("dev,backend", DEV_BACKENDS)
+def test_packed_sequences_do_not_leak(dev, backend, use_backend):
     use_backend(backend)
-    model = _model("llama")
+    model = _model("llama", dev)
     model.set_attn_implementation("mdus")
     lengths = [4, 1, 6, 3]
     g = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, 128, (1, sum(lengths)), generator=g)
-    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    ids = torch.randint(0, 128, (1, sum(lengths)), generator=g).to(dev)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(dev)
     packed = model(input_ids=ids, position_ids=pos, use_cache=False).logits
-    cu = torch.tensor([0, 4, 5, 11, 14], dtype=torch.int32)
+    cu = torch.tensor([0, 4, 5, 11, 14], dtype=torch.int32, device=dev)
     by_cu = model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6,
                   max_length_k=6, use_cache=False).logits
     alone = torch.cat([model(input_ids=ids[:, a:b], use_cache=False).logits

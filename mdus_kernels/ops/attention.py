@@ -418,63 +418,71 @@ def attention_bwd_triton(dout, dlse, q, k, v, out, lse, cu_q, cu_k, prefix_lens,
 # ---------------------------------------------------------------------------------------- CPU path (ATen SDPA)
 
 
-def _cpu_segments(cu_q, cu_k, prefix_lens, causal):
-    """Per non-empty sequence: (query rows, key rows, first query row that sees a key, is_causal, additive mask).
+def _cpu_groups(cu_q, cu_k, prefix_lens, causal):
+    """Batches of sequences for ATen's fused CPU kernels, which take (B, H, L, D) batches of equal lengths: all
+    sequences at once when they share (Lq, Lk, prefix) (the padded layout), else one call per sequence.
 
-    Rows that see no key are left out of the ATen call (they are 0 with lse = -inf by the spec; ATen would give
-    lse = 0 for them). ``is_causal`` is used only where ATen's top-left causal mask equals ours.
+    Yields (first query row, first key row, sequences, Lq, Lk, first live row, is_causal, additive-mask maker).
+    Rows before the first live row see no key: they stay 0 with lse = -inf by the spec (ATen would give lse = 0),
+    so they are left out of the call. ``is_causal`` is used only where ATen's top-left causal mask equals ours.
     """
     cq, ck = cu_q.tolist(), cu_k.tolist()
-    prefixes = prefix_lens.tolist() if prefix_lens is not None else [0] * (len(cq) - 1)
-    for b in range(len(cq) - 1):
-        lq, lk, p = cq[b + 1] - cq[b], ck[b + 1] - ck[b], prefixes[b] if causal else 0
+    batch = len(cq) - 1
+    prefixes = prefix_lens.tolist() if (prefix_lens is not None and causal) else [0] * batch
+    shapes = [(cq[b + 1] - cq[b], ck[b + 1] - ck[b], prefixes[b]) for b in range(batch)]
+    if batch > 1 and len(set(shapes)) == 1:
+        groups = [(0, batch)]
+    else:
+        groups = [(b, 1) for b in range(batch)]
+    for b, n in groups:
+        lq, lk, p = shapes[b]
         if lq == 0 or lk == 0:
             continue
         first = 0 if (not causal or p > 0) else max(0, lq - lk)
         if first == lq:
             continue
-        rows = slice(cq[b] + first, cq[b + 1])
-        keys = slice(ck[b], ck[b + 1])
         if not causal or p >= lk:
-            yield rows, keys, False, None
+            yield cq[b], ck[b], n, lq, lk, first, False, None
         elif p == 0 and lq == lk:
-            yield rows, keys, True, None
+            yield cq[b], ck[b], n, lq, lk, first, True, None
         else:
-            vis = ref.visible(lq, lk, True, p, cu_q.device)[first:]
-            yield rows, keys, False, vis
+            yield cq[b], ck[b], n, lq, lk, first, False, ref.visible(lq, lk, True, p, cu_q.device)[first:]
 
 
-def _additive(vis: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _additive(vis: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if vis is None:
+        return None
     return torch.zeros(vis.shape, dtype=dtype, device=vis.device).masked_fill_(~vis, float("-inf"))
 
 
-def _heads_first(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(0, 1).unsqueeze(0)  # (L, H, D) -> (1, H, L, D), a view
+def _batch(t: torch.Tensor, start: int, n: int, length: int, first: int = 0) -> torch.Tensor:
+    """Rows start:start+n*length of a (total, H, D) tensor as an (n, H, length - first, D) view."""
+    return t[start:start + n * length].view(n, length, *t.shape[1:])[:, first:].transpose(1, 2)
 
 
 def attention_fwd_cpu(q, k, v, cu_q, cu_k, prefix_lens, causal, scale):
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=ref.acc_dtype(q.dtype), device=q.device)
-    for rows, keys, is_causal, vis in _cpu_segments(cu_q, cu_k, prefix_lens, causal):
+    for q0, k0, n, lq, lk, first, is_causal, vis in _cpu_groups(cu_q, cu_k, prefix_lens, causal):
         o, s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            _heads_first(q[rows]), _heads_first(k[keys]), _heads_first(v[keys]), 0.0, is_causal,
-            attn_mask=None if vis is None else _additive(vis, q.dtype), scale=scale)
-        out[rows] = o[0].transpose(0, 1)
-        lse[:, rows] = s[0]
+            _batch(q, q0, n, lq, first), _batch(k, k0, n, lk), _batch(v, k0, n, lk), 0.0, is_causal,
+            attn_mask=_additive(vis, q.dtype), scale=scale)
+        _batch(out, q0, n, lq, first).copy_(o)
+        lse[:, q0:q0 + n * lq].view(-1, n, lq)[:, :, first:].copy_(s.transpose(0, 1))
     return out, lse
 
 
 def attention_bwd_cpu(dout, q, k, v, out, lse, cu_q, cu_k, prefix_lens, causal, scale):
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for rows, keys, is_causal, vis in _cpu_segments(cu_q, cu_k, prefix_lens, causal):
+    for q0, k0, n, lq, lk, first, is_causal, vis in _cpu_groups(cu_q, cu_k, prefix_lens, causal):
+        s = lse[:, q0:q0 + n * lq].view(-1, n, lq)[:, :, first:].transpose(0, 1)
         gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            _heads_first(dout[rows]), _heads_first(q[rows]), _heads_first(k[keys]), _heads_first(v[keys]),
-            _heads_first(out[rows]), lse[:, rows].unsqueeze(0).to(torch.float32 if q.dtype != torch.float64
-                                                                   else q.dtype),
-            0.0, is_causal, attn_mask=None if vis is None else _additive(vis, q.dtype), scale=scale)
-        dq[rows] = gq[0].transpose(0, 1)
-        dk[keys] = gk[0].transpose(0, 1)
-        dv[keys] = gv[0].transpose(0, 1)
+            _batch(dout, q0, n, lq, first), _batch(q, q0, n, lq, first), _batch(k, k0, n, lk), _batch(v, k0, n, lk),
+            _batch(out, q0, n, lq, first), s.to(torch.float64 if q.dtype == torch.float64 else torch.float32),
+            0.0, is_causal, attn_mask=_additive(vis, q.dtype), scale=scale)
+        _batch(dq, q0, n, lq, first).copy_(gq)
+        _batch(dk, k0, n, lk).copy_(gk)
+        _batch(dv, k0, n, lk).copy_(gv)
     return dq, dk, dv
 
 
