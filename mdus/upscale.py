@@ -1,0 +1,507 @@
+"""Multimodal depth up-scaling of a Hugging Face decoder LLM, and the baselines on the same API.
+
+``upscale(model, ...)`` freezes every weight of a transformers causal LM (LLaMA family: Llama/SmolLM2, Qwen2/3,
+Mistral), inserts new blocks among its layers and adds a speech vocabulary above the text one. Only the new blocks
+and the speech rows train. ``full_finetune`` and ``lora`` wrap the same model the same way without inserted blocks.
+
+The wrapper runs the host's own modules (embedding, rotary embedding, decoder layers, final norm, head) in the
+host's order, with the inserted blocks spliced in, so with the blocks at their identity initialization it computes
+exactly what the host computes; ``without_inserted()`` is the host model itself, whose weights training never
+touches. Every attention call goes through ``mdus_kernels.attention`` (``attn_implementation="mdus"``), and the
+training loss is ``mdus_kernels.linear_cross_entropy`` over (frozen text rows, trainable speech rows): the
+(tokens x vocab) logits are never formed when labels are given.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mdus_kernels
+from mdus.attention import NAME as ATTN_NAME
+from mdus_kernels._checks import check_offsets, check_offsets_values
+
+PLACEMENTS = ("interleaved", "sandwich", "top", "middle", "bottom")
+ROUTES = ("all", "speech_only")
+BLOCKS = ("transformer", "ebranchformer")
+IGNORE = -100
+
+
+def insertion_positions(n_layers: int, n_insert: int, placement: str | list[int]) -> list[int]:
+    """Where the new blocks go, as the number of original layers that run before each block (0..n_layers).
+
+    * ``interleaved``: one block after every ``n_layers / n_insert`` layers (after layers 4, 8, ... for 32 + 8);
+    * ``top`` / ``bottom`` / ``middle``: all blocks after the last layer / before the first / after layer L // 2;
+    * ``sandwich``: half before the first layer, half after the last;
+    * a list of ints: those positions.
+
+    Example:
+        >>> insertion_positions(8, 2, "interleaved"), insertion_positions(8, 3, "sandwich")
+        ([4, 8], [0, 8, 8])
+    """
+    if isinstance(placement, (list, tuple)):
+        positions = [int(p) for p in placement]
+        if any(p < 0 or p > n_layers for p in positions):
+            raise ValueError(f"placement positions must be in [0, {n_layers}] (the number of original layers "
+                             f"before the block), got {list(placement)}")
+        if n_insert is not None and n_insert != len(positions):
+            raise ValueError(f"n_insert={n_insert} does not match the {len(positions)} positions given")
+        return sorted(positions)
+    if n_insert < 0:
+        raise ValueError(f"n_insert must be >= 0, got {n_insert}")
+    if placement == "interleaved":
+        return [(i + 1) * n_layers // n_insert for i in range(n_insert)]
+    if placement == "top":
+        return [n_layers] * n_insert
+    if placement == "bottom":
+        return [0] * n_insert
+    if placement == "middle":
+        return [n_layers // 2] * n_insert
+    if placement == "sandwich":
+        return [0] * (n_insert // 2) + [n_layers] * (n_insert - n_insert // 2)
+    raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)} or a list of positions, got {placement!r}")
+
+
+@dataclass
+class SpeechLMConfig:
+    """Everything needed to rebuild a wrapper around a separately loaded base model (saved with the weights)."""
+
+    method: str = "dus"                     # "dus", "full_finetune" or "lora"
+    positions: list[int] = field(default_factory=list)
+    block: str = "transformer"
+    block_config: dict = field(default_factory=dict)
+    speech_vocab_size: int = 0
+    route: str = "all"
+    train_text_embeddings: bool = False
+    lora: dict = field(default_factory=dict)  # rank, alpha, target_modules for method="lora"
+
+
+@dataclass
+class SpeechLMOutput:
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    past_key_values: object = None
+
+
+def _transformer_block(base, layer_idx: int, block_config: dict) -> nn.Module:
+    """A decoder layer of the host's own class (LLaMA-style), built from its config with ``block_config``'s
+    overrides, with the attention output and MLP down projections zeroed (LLaMA Pro): an exact identity."""
+    config = copy.deepcopy(base.config)
+    for key, value in block_config.items():
+        setattr(config, key, value)
+    layer_cls = type(base.get_decoder().layers[0])
+    # Qwen2-style layers read config.layer_types[layer_idx]; build as layer 0, then give the block its own KV slot.
+    layer = layer_cls(config, 0)
+    layer.self_attn.layer_idx = layer_idx
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+        for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+            if proj.bias is not None:
+                proj.bias.zero_()
+    return layer
+
+
+class SpeechLM(nn.Module):
+    """A transformers causal LM with inserted blocks and a speech vocabulary. Build it with ``upscale``,
+    ``full_finetune`` or ``lora``; ``base`` is the wrapped model.
+
+    ``forward`` takes a padded batch (``input_ids`` (B, T), optional ``attention_mask``) or a packed one
+    (``input_ids`` (T,) with ``cu_seqlens`` (B + 1,) int32). Token ids ``>= text_vocab_size`` are speech tokens.
+    ``labels`` (aligned with ``input_ids``, shifted inside, ``-100`` = ignore) or ``loss_mask`` (True where the
+    token is a prediction target) give the mean next-token loss, computed by the fused loss without logits; a
+    packed sequence's last token never predicts the next sequence's first.
+    """
+
+    def __init__(self, base: nn.Module, config: SpeechLMConfig):
+        super().__init__()
+        if config.route not in ROUTES:
+            raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {config.route!r}")
+        if config.block not in BLOCKS:
+            raise ValueError(f"block must be one of {', '.join(BLOCKS)}, got {config.block!r}")
+        if config.speech_vocab_size < 0:
+            raise ValueError(f"speech_vocab_size must be >= 0, got {config.speech_vocab_size}")
+        head = base.get_output_embeddings()
+        if head is None or getattr(head, "bias", None) is not None:
+            raise ValueError("the base model needs a bias-free linear output head (a causal LM)")
+        self.base, self.config = base, config
+        base.set_attn_implementation(ATTN_NAME)
+        decoder = base.get_decoder()
+        n_layers = len(decoder.layers)
+        embed = base.get_input_embeddings()
+        self.text_vocab_size, d = embed.weight.shape
+        if head.weight.shape[0] != self.text_vocab_size:
+            raise ValueError(f"the input embedding ({self.text_vocab_size} rows) and the output head "
+                             f"({head.weight.shape[0]} rows) must cover the same text vocabulary")
+
+        # Layer i of the up-scaled stack: original layers keep their KV-cache slot i < n_layers; blocks get the
+        # slots after them.
+        if config.block == "transformer":
+            make = lambda i: _transformer_block(base, n_layers + i, config.block_config)  # noqa: E731
+        else:
+            from mdus.blocks.ebranchformer import EBranchformerBlock
+
+            make = lambda i: EBranchformerBlock(base.config, n_layers + i, **config.block_config)  # noqa: E731
+        self.blocks = nn.ModuleList(make(i) for i in range(len(config.positions)))
+        self.blocks.to(device=embed.weight.device, dtype=embed.weight.dtype)
+
+        self.speech_embed = None
+        self.speech_out = None  # untied speech output rows; tied ones are speech_embed.weight
+        if config.speech_vocab_size:
+            std = float(embed.weight.detach().float().std())
+            self.speech_embed = nn.Embedding(config.speech_vocab_size, d, device=embed.weight.device,
+                                             dtype=embed.weight.dtype)
+            nn.init.normal_(self.speech_embed.weight, std=std)
+            if head.weight is not embed.weight:  # the host unties its head: so do the speech rows
+                self.speech_out = nn.Parameter(torch.empty_like(self.speech_embed.weight).normal_(
+                    std=float(head.weight.detach().float().std())))
+        self._set_trainable()
+
+    @property
+    def speech_head(self) -> torch.Tensor | None:
+        """The (speech_vocab, d) output rows of the speech tokens (the speech embedding when the host ties)."""
+        if self.speech_out is not None:
+            return self.speech_out
+        return None if self.speech_embed is None else self.speech_embed.weight
+
+    # ----------------------------------------------------------------------------------------------- structure
+
+    def _set_trainable(self) -> None:
+        method = self.config.method
+        if method == "full_finetune":
+            self.base.requires_grad_(True)
+        elif method == "dus":
+            self.base.requires_grad_(False)
+            if self.config.train_text_embeddings:
+                self.base.get_input_embeddings().requires_grad_(True)
+                self.base.get_output_embeddings().requires_grad_(True)
+        # method == "lora": peft has already frozen the base and made the adapters trainable
+        for module in (self.blocks, self.speech_embed):
+            if module is not None:
+                module.requires_grad_(True)
+        if self.speech_out is not None:
+            self.speech_out.requires_grad_(True)
+
+    def without_inserted(self) -> nn.Module:
+        """The base model without the inserted blocks (and without the speech rows): the host model object itself,
+        whose weights are frozen, so it reproduces the base model exactly at any point of training."""
+        return self.base
+
+    def stack(self) -> list[tuple[str, nn.Module]]:
+        """The up-scaled layer stack in execution order, as ("base"|"inserted", module) pairs."""
+        layers = list(self.base.get_decoder().layers)
+        out = []
+        for i in range(len(layers) + 1):
+            out += [("inserted", b) for b, p in zip(self.blocks, self.config.positions, strict=True) if p == i]
+            if i < len(layers):
+                out.append(("base", layers[i]))
+        return out
+
+    def output_weights(self) -> tuple[torch.Tensor, ...]:
+        text = self.base.get_output_embeddings().weight
+        return (text,) if self.speech_head is None else (text, self.speech_head)
+
+    # ------------------------------------------------------------------------------------------------ forward
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        text = self.base.get_input_embeddings()
+        vt = self.text_vocab_size
+        out = text(input_ids.clamp(max=vt - 1))
+        if self.speech_embed is None:
+            return out
+        speech = input_ids >= vt
+        # Both lookups run for every token, but autograd only reaches the speech table (the text one is frozen).
+        return torch.where(speech.unsqueeze(-1), self.speech_embed((input_ids - vt).clamp(min=0)), out)
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                max_seqlen: int | None = None, labels: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None, return_logits: bool | None = None, past_key_values=None,
+                use_cache: bool = False) -> SpeechLMOutput:
+        packed = cu_seqlens is not None
+        ids, attention_mask, position_ids, layer_kwargs = self._prepare(input_ids, attention_mask, position_ids,
+                                                                        cu_seqlens, max_seqlen, past_key_values)
+        speech = ids >= self.text_vocab_size
+        hidden = self.embed(ids)
+        decoder = self.base.get_decoder()
+        position_embeddings = decoder.rotary_emb(hidden, position_ids)
+        common = dict(attention_mask=attention_mask, position_ids=position_ids,
+                      position_embeddings=position_embeddings, past_key_values=past_key_values, use_cache=use_cache,
+                      **layer_kwargs)
+        for kind, layer in self.stack():
+            if kind == "base":
+                hidden = layer(hidden, **common)
+                continue
+            if getattr(layer, "takes_speech_mask", False):
+                new = layer(hidden, speech_mask=speech, **common)
+            else:
+                new = layer(hidden, **common)
+            # speech_only: text positions pass through the inserted blocks unchanged.
+            hidden = torch.where(speech.unsqueeze(-1), new, hidden) if self.config.route == "speech_only" else new
+        hidden = decoder.norm(hidden)
+
+        loss = None
+        targets = self._targets(ids, labels, loss_mask, attention_mask, cu_seqlens)
+        if targets is not None:
+            loss = mdus_kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.output_weights(),
+                                                     targets.reshape(-1), ignore_index=IGNORE)
+        logits = None
+        if return_logits or (return_logits is None and targets is None):
+            logits = F.linear(hidden, torch.cat(self.output_weights()))
+            if packed:
+                logits = logits[0]
+        return SpeechLMOutput(loss=loss, logits=logits, hidden_states=hidden[0] if packed else hidden,
+                              past_key_values=past_key_values)
+
+    def _prepare(self, input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, past_key_values):
+        """Validates the batch; returns (ids (B, T), 2-D bool mask or None, position_ids, kwargs for the layers)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError("input_ids must be an int64/int32 tensor of token ids")
+        vocab = self.text_vocab_size + self.config.speech_vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(f"input_ids must be in [0, {vocab}) (text vocabulary {self.text_vocab_size} + speech "
+                             f"{self.config.speech_vocab_size}), got values in [{int(input_ids.min())}, "
+                             f"{int(input_ids.max())}]")
+        kwargs = {}
+        if cu_seqlens is not None:
+            if input_ids.dim() != 1:
+                raise ValueError(f"packed input_ids must be 1-D (total_tokens,) with cu_seqlens, got shape "
+                                 f"{tuple(input_ids.shape)}")
+            if attention_mask is not None:
+                raise ValueError("a packed batch (cu_seqlens) has no padding: attention_mask must be None")
+            check_offsets(cu_seqlens, "cu_seqlens", device=input_ids.device)
+            check_offsets_values(cu_seqlens, "cu_seqlens", input_ids.shape[0], "input_ids.shape[0]")
+            cu = cu_seqlens.to(torch.int32)
+            lengths = (cu[1:] - cu[:-1]).long()
+            if max_seqlen is None:
+                max_seqlen = int(lengths.max()) if lengths.numel() else 0
+            if position_ids is None:
+                starts = torch.repeat_interleave(cu[:-1].long(), lengths, output_size=input_ids.shape[0])
+                position_ids = torch.arange(input_ids.shape[0], device=input_ids.device) - starts
+            kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_seqlen, max_length_k=max_seqlen)
+            return input_ids.unsqueeze(0), None, position_ids.reshape(1, -1), kwargs
+        if input_ids.dim() != 2:
+            raise ValueError(f"padded input_ids must be 2-D (batch, tokens), got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"attention_mask must be (batch, past + tokens) = ({input_ids.shape[0]}, ...), got "
+                                 f"{tuple(attention_mask.shape)}")
+            attention_mask = attention_mask.bool()
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding: plain causal attention
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+            else:
+                position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        return input_ids, attention_mask, position_ids, kwargs
+
+    @staticmethod
+    def _targets(ids, labels, loss_mask, attention_mask, cu_seqlens):
+        """Next-token targets aligned with the hidden states ((B, T), -100 = no loss), or None."""
+        if labels is None and loss_mask is None:
+            return None
+        if labels is not None and loss_mask is not None:
+            raise ValueError("give labels or loss_mask, not both")
+        if labels is None:
+            if loss_mask.shape != ids.shape[-1:] and loss_mask.shape != ids.shape:
+                raise ValueError(f"loss_mask must have input_ids' shape, got {tuple(loss_mask.shape)}")
+            labels = torch.where(loss_mask.reshape(ids.shape).bool(), ids, IGNORE)
+        elif labels.numel() != ids.numel():
+            raise ValueError(f"labels must have input_ids' shape, got {tuple(labels.shape)}")
+        labels = labels.reshape(ids.shape)
+        targets = torch.full_like(labels, IGNORE)
+        targets[:, :-1] = labels[:, 1:]
+        if attention_mask is not None:
+            targets[:, :-1].masked_fill_(~attention_mask[:, -ids.shape[1]:][:, 1:], IGNORE)
+        if cu_seqlens is not None:
+            ends = cu_seqlens[1:].long() - 1
+            targets[0, ends[ends >= 0]] = IGNORE  # the last token of a sequence has nothing to predict
+        return targets
+
+    # ----------------------------------------------------------------------------------------------- save/load
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def save_trainable(self, path: str | Path) -> Path:
+        """Saves only the trainable tensors plus the wrapper config, as one safetensors file (atomically)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in self.trainable_state_dict().items()}
+        meta = {"mdus_config": json.dumps(asdict(self.config)),
+                "base_model": str(getattr(self.base.config, "_name_or_path", ""))}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+
+
+# ------------------------------------------------------------------------------------------------- constructors
+
+
+def upscale(model: nn.Module, *, n_insert: int | None = None, placement: str | list[int] = "interleaved",
+            block: str = "transformer", block_config: dict | None = None, speech_vocab_size: int = 0,
+            route: str = "all", train_text_embeddings: bool = False) -> SpeechLM:
+    """Depth up-scaling: freezes ``model`` (a transformers causal LM) and inserts ``n_insert`` new blocks.
+
+    Args:
+        model: e.g. ``LlamaForCausalLM`` (SmolLM2), Qwen2/Qwen3 or Mistral. It is wrapped, not copied.
+        n_insert: number of new blocks; default 25% of the depth (32 -> 40 layers).
+        placement: "interleaved" (default, best ASR), "sandwich", "top" (keeps most text ability), "middle",
+            "bottom", or a list of positions (the number of original layers before each block).
+        block: "transformer" (a decoder layer of the host's class, output projections zeroed) or "ebranchformer"
+            (``mdus.blocks.EBranchformerBlock``). Both start as an exact identity.
+        block_config: for "transformer", config fields to override (e.g. ``intermediate_size``); for
+            "ebranchformer", ``EBranchformerBlock``'s keyword arguments.
+        speech_vocab_size: speech ids are ``text_vocab + [0, speech_vocab_size)``, with their own trainable
+            embedding and output rows (tied when the host ties its head to its embedding).
+        route: "all", or "speech_only": the blocks update speech positions only, so text-only inputs give exactly
+            the base model's outputs, whatever the training did.
+        train_text_embeddings: also train the text embedding and head (off: they get no gradient at all).
+
+    Example:
+        >>> lm = upscale(AutoModelForCausalLM.from_pretrained(path), block="ebranchformer", speech_vocab_size=5000)
+        >>> print(describe(lm))
+    """
+    n_layers = len(model.get_decoder().layers)
+    if n_insert is None and not isinstance(placement, (list, tuple)):
+        n_insert = max(1, round(n_layers / 4))
+    positions = insertion_positions(n_layers, n_insert, placement)
+    config = SpeechLMConfig(method="dus", positions=positions, block=block, block_config=dict(block_config or {}),
+                            speech_vocab_size=speech_vocab_size, route=route,
+                            train_text_embeddings=train_text_embeddings)
+    return SpeechLM(model, config)
+
+
+def full_finetune(model: nn.Module, *, speech_vocab_size: int = 0) -> SpeechLM:
+    """The full fine-tuning baseline: every weight trains, plus the speech rows; no inserted block."""
+    return SpeechLM(model, SpeechLMConfig(method="full_finetune", speech_vocab_size=speech_vocab_size))
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _lora_params_per_rank(model: nn.Module, targets) -> int:
+    """Trainable LoRA parameters per unit of rank: r * (in + out) for every targeted Linear."""
+    return sum(m.in_features + m.out_features for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+
+
+def lora(model: nn.Module, *, rank: int | None = None, match_params: int | None = None, speech_vocab_size: int = 0,
+         alpha: float | None = None, target_modules=LORA_TARGETS, dropout: float = 0.0) -> SpeechLM:
+    """The LoRA baseline (via peft) on the attention and MLP projections, plus trainable speech rows.
+
+    ``match_params=N`` picks the rank whose trainable-parameter count (adapters + speech rows) is closest to N, so
+    that it can be set from an up-scaled model as the paper does: ``lora(m, match_params=count_trainable(dus))``.
+    ``describe`` reports the count reached.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if (rank is None) == (match_params is None):
+        raise ValueError("give exactly one of rank and match_params")
+    per_rank = _lora_params_per_rank(model, target_modules)
+    if per_rank == 0:
+        raise ValueError(f"no nn.Linear named {', '.join(target_modules)} in the model")
+    d = model.get_input_embeddings().weight.shape[1]
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    speech = speech_vocab_size * d * (1 if tied else 2)
+    if rank is None:
+        rank = max(1, round((match_params - speech) / per_rank))
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    cfg = dict(rank=rank, alpha=float(alpha if alpha is not None else rank), target_modules=list(target_modules),
+               dropout=dropout)
+    model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=cfg["alpha"], target_modules=cfg["target_modules"],
+                                       lora_dropout=dropout), model)
+    return SpeechLM(model, SpeechLMConfig(method="lora", speech_vocab_size=speech_vocab_size, lora=cfg))
+
+
+def _rebuild(model: nn.Module, config: SpeechLMConfig) -> SpeechLM:
+    if config.method == "lora":
+        lo = config.lora
+        return lora(model, rank=lo["rank"], speech_vocab_size=config.speech_vocab_size, alpha=lo["alpha"],
+                    target_modules=tuple(lo["target_modules"]), dropout=lo["dropout"])
+    return SpeechLM(model, config)
+
+
+def load(path: str | Path, model: nn.Module) -> SpeechLM:
+    """Rebuilds a saved wrapper (``SpeechLM.save_trainable``) around a separately loaded base model and loads its
+    trainable tensors. Raises if the file does not match the model (missing or unexpected tensors, shapes)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "mdus_config" not in meta:
+        raise ValueError(f"{path} is not an mdus checkpoint (no mdus_config metadata)")
+    wrapper = _rebuild(model, SpeechLMConfig(**json.loads(meta["mdus_config"])))
+    tensors = load_file(str(path), device=str(model.get_input_embeddings().weight.device))
+    expected = wrapper.trainable_state_dict()
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    params = dict(wrapper.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model expects "
+                                 f"{tuple(params[name].shape)}")
+            params[name].copy_(value)
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad)
+
+
+def describe(model: SpeechLM) -> str:
+    """Trainable and frozen parameters per component, as a table (shared tensors counted once)."""
+    seen, rows = set(), {}
+    decoder = model.base.get_decoder()
+    components = [("text embedding", model.base.get_input_embeddings()),
+                  ("base layers", decoder.layers),
+                  ("final norm", decoder.norm),
+                  ("text head", model.base.get_output_embeddings()),
+                  ("inserted blocks", model.blocks),
+                  ("speech embedding", model.speech_embed)]
+    for name, module in components:
+        if module is None:
+            continue
+        for pname, p in module.named_parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            key = "LoRA adapters" if "lora_" in pname else name
+            train, frozen = rows.get(key, (0, 0))
+            rows[key] = (train + p.numel(), frozen) if p.requires_grad else (train, frozen + p.numel())
+    if model.speech_out is not None:
+        seen.add(id(model.speech_out))
+        rows["speech head"] = (model.speech_out.numel(), 0)
+    rest = [p for p in model.parameters() if id(p) not in seen]
+    if rest:
+        rows["other"] = (sum(p.numel() for p in rest if p.requires_grad),
+                         sum(p.numel() for p in rest if not p.requires_grad))
+    total_t, total_f = sum(t for t, _ in rows.values()), sum(f for _, f in rows.values())
+    lines = [f"method={model.config.method} blocks={model.config.block if model.blocks else '-'} "
+             f"inserted={len(model.blocks)} at {model.config.positions} route={model.config.route}",
+             f"{'component':<18}{'trainable':>14}{'frozen':>14}"]
+    lines += [f"{k:<18}{t:>14,}{f:>14,}" for k, (t, f) in rows.items()]
+    lines.append(f"{'total':<18}{total_t:>14,}{total_f:>14,}")
+    return "\n".join(lines)

@@ -1,0 +1,222 @@
+"""mdus.upscale and the baselines on tiny random Llama / Qwen2 / Qwen3 / Mistral models."""
+
+import copy
+
+import pytest
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+import mdus
+from mdus.upscale import LORA_TARGETS
+
+V = 96
+SHAPE = dict(vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=8, num_attention_heads=6,
+             num_key_value_heads=2, head_dim=8)
+MODELS = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**SHAPE, tie_word_embeddings=True)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SHAPE, tie_word_embeddings=False)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SHAPE)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(**SHAPE, sliding_window=4096)),
+}
+BLOCKS = ["transformer", "ebranchformer"]
+EB_CONFIG = dict(cgmlp_units=32, cgmlp_kernel=5, merge_kernel=3)
+
+
+def _pair(name, seed=0):
+    """(model to wrap, an untouched copy of the same weights)."""
+    torch.manual_seed(seed)
+    model = MODELS[name]().eval()
+    return model, copy.deepcopy(model)
+
+
+def _upscale(model, block, **kw):
+    return mdus.upscale(model, block=block, block_config=EB_CONFIG if block == "ebranchformer" else None, **kw)
+
+
+def _batch(seed=1, speech=True):
+    """A packed batch of 3 sequences: [speech units ...] -> [text transcript ...]."""
+    g = torch.Generator().manual_seed(seed)
+    parts, lengths = [], [9, 4, 12]
+    for n in lengths:
+        n_speech = n // 2 if speech else 0
+        parts += [torch.randint(V, V + 20, (n_speech,), generator=g), torch.randint(0, V, (n - n_speech,), generator=g)]
+    ids = torch.cat(parts)
+    cu = torch.tensor([0, 9, 13, 25], dtype=torch.int32)
+    return ids, cu, ids < V  # loss on the text tokens
+
+
+def _train(lm, steps=3, seed=1):
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
+    for i in range(steps):
+        ids, cu, loss_mask = _batch(seed + i)
+        loss = lm(ids, cu_seqlens=cu, loss_mask=loss_mask).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return lm
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_identity_at_init(name, block):
+    model, ref = _pair(name)
+    ref.set_attn_implementation("sdpa")
+    lm = _upscale(model, block, speech_vocab_size=20)
+    ids = torch.randint(0, V, (3, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[0, :3] = 0
+    got = lm(ids, attention_mask=mask).logits[..., :V]
+    want = ref(ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert (got[valid] - want[valid]).abs().max() <= 1e-6 * max(1.0, want.abs().max())
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_frozen_base_trains_only_new_parts(block):
+    model, ref = _pair("llama")
+    lm = _upscale(model, block, speech_vocab_size=20)
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    new_before = {k: v.clone() for k, v in lm.trainable_state_dict().items()}
+    assert all(not p.requires_grad for p in model.parameters())
+    ids, cu, loss_mask = _batch()
+    lm(ids, cu_seqlens=cu, loss_mask=loss_mask).loss.backward()
+    assert all(p.grad is None for p in model.parameters()), "a frozen base weight got a gradient"
+    lm.zero_grad()
+    _train(lm)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, base_before[k]), f"base weight {k} changed"
+    changed = [k for k, v in lm.trainable_state_dict().items() if not torch.equal(v, new_before[k])]
+    assert "speech_embed.weight" in changed and any(k.startswith("blocks.") for k in changed)
+    # The base model, unwrapped, is still exactly the original.
+    ref.set_attn_implementation("mdus")
+    ids = torch.randint(0, V, (2, 7))
+    assert torch.equal(lm.without_inserted()(ids).logits, ref(ids).logits)
+
+
+def test_train_text_embeddings_flag():
+    model, _ = _pair("qwen2")
+    lm = mdus.upscale(model, speech_vocab_size=8, train_text_embeddings=True)
+    assert model.get_input_embeddings().weight.requires_grad and model.get_output_embeddings().weight.requires_grad
+    assert not any(p.requires_grad for p in model.get_decoder().layers.parameters())
+    assert lm.speech_out is not None and lm.speech_head is lm.speech_out  # qwen2 here does not tie its head
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_speech_only_route_keeps_text_exact(block):
+    model, ref = _pair("llama")
+    ref.set_attn_implementation("mdus")
+    lm = _train(_upscale(model, block, speech_vocab_size=20, route="speech_only"))
+    ids = torch.randint(0, V, (2, 10))
+    assert torch.equal(lm(ids).logits[..., :V], ref(ids).logits)
+    # ... while speech inputs do go through the trained blocks: closing them changes the speech logits.
+    sp, cu, _ = _batch(7)
+    trained = lm(sp, cu_seqlens=cu).logits
+    with torch.no_grad():
+        for b in lm.blocks:
+            b.reset_identity() if hasattr(b, "reset_identity") else (b.self_attn.o_proj.weight.zero_(),
+                                                                     b.mlp.down_proj.weight.zero_())
+    assert not torch.allclose(lm(sp, cu_seqlens=cu).logits, trained)
+
+
+def test_packed_and_padded_losses_agree():
+    model, _ = _pair("mistral")
+    lm = _train(mdus.upscale(model, speech_vocab_size=20), steps=1)
+    ids, cu, loss_mask = _batch(5)
+    packed = lm(ids, cu_seqlens=cu, loss_mask=loss_mask)
+    assert packed.logits is None  # training never forms the logits
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    width = max(lengths)
+    padded_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    padded_mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    labels = torch.full((len(lengths), width), -100)
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+        padded_ids[i, width - (b - a):] = ids[a:b]  # left padding
+        padded_mask[i, width - (b - a):] = 1
+        labels[i, width - (b - a):] = torch.where(loss_mask[a:b], ids[a:b], -100)
+    padded = lm(padded_ids, attention_mask=padded_mask, labels=labels)
+    torch.testing.assert_close(padded.loss, packed.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_loss_matches_eager_cross_entropy():
+    model, _ = _pair("llama")
+    lm = _train(mdus.upscale(model, speech_vocab_size=20), steps=1)
+    ids, cu, loss_mask = _batch(3)
+    loss = lm(ids, cu_seqlens=cu, loss_mask=loss_mask).loss
+    logits = lm(ids, cu_seqlens=cu).logits
+    targets = torch.where(loss_mask, ids, -100)
+    pieces = [torch.nn.functional.cross_entropy(logits[a:b - 1], targets[a + 1:b], reduction="sum")
+              for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)]
+    n = sum(int((targets[a + 1:b] != -100).sum()) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True))
+    torch.testing.assert_close(loss, sum(pieces) / n, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["dus-transformer", "dus-ebranchformer", "lora", "full_finetune"])
+def test_save_and_load_round_trip(tmp_path, method):
+    model, fresh = _pair("llama")
+    if method.startswith("dus"):
+        lm = _upscale(model, method.split("-")[1], speech_vocab_size=20, placement="sandwich", n_insert=3)
+    elif method == "lora":
+        lm = mdus.lora(model, rank=4, speech_vocab_size=20)
+    else:
+        lm = mdus.full_finetune(model, speech_vocab_size=20)
+    _train(lm, steps=2)
+    path = lm.save_trainable(tmp_path / "adapter.safetensors")
+    loaded = mdus.load(path, fresh)
+    for k, v in lm.trainable_state_dict().items():
+        assert torch.equal(loaded.trainable_state_dict()[k], v), k
+    ids, cu, _ = _batch(9)
+    assert torch.equal(loaded(ids, cu_seqlens=cu).logits, lm(ids, cu_seqlens=cu).logits)
+
+
+def test_lora_match_params_and_full_finetune():
+    dus = mdus.upscale(_pair("llama")[0], speech_vocab_size=20)
+    target = mdus.count_trainable(dus)
+    lo = mdus.lora(_pair("llama")[0], match_params=target, speech_vocab_size=20)
+    per_rank = sum(m.base_layer.in_features + m.base_layer.out_features for n, m in lo.base.named_modules()
+                   if n.rsplit(".", 1)[-1] in LORA_TARGETS)
+    reached = mdus.count_trainable(lo)
+    assert abs(reached - target) <= per_rank / 2  # the closest rank
+    assert "LoRA adapters" in mdus.describe(lo)
+    ff = mdus.full_finetune(_pair("llama")[0], speech_vocab_size=20)
+    assert all(p.requires_grad for p in ff.parameters())
+
+
+def test_placements():
+    pos = mdus.insertion_positions
+    assert pos(32, 8, "interleaved") == [4, 8, 12, 16, 20, 24, 28, 32]
+    assert pos(8, 2, "top") == [8, 8] and pos(8, 2, "bottom") == [0, 0] and pos(8, 2, "middle") == [4, 4]
+    assert pos(8, 3, "sandwich") == [0, 8, 8]
+    assert pos(8, None, [5, 1]) == [1, 5]
+    model, _ = _pair("llama")
+    lm = mdus.upscale(model)
+    assert len(lm.blocks) == 2 and [k for k, _ in lm.stack()].count("inserted") == 2  # 25% of 8 layers
+    with pytest.raises(ValueError, match="placement must be one of"):
+        pos(8, 2, "diagonal")
+    with pytest.raises(ValueError, match=r"placement positions must be in \[0, 8\]"):
+        pos(8, None, [9])
+
+
+def test_bad_inputs():
+    lm = mdus.upscale(_pair("llama")[0], speech_vocab_size=4)
+    with pytest.raises(ValueError, match=r"input_ids must be in \[0, 100\)"):
+        lm(torch.tensor([[1, 2, 100]]))
+    with pytest.raises(ValueError, match="packed input_ids must be 1-D"):
+        lm(torch.zeros(2, 3, dtype=torch.long), cu_seqlens=torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        lm(torch.zeros(5, dtype=torch.long), cu_seqlens=torch.tensor([0, 4, 2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="labels or loss_mask"):
+        lm(torch.zeros(1, 3, dtype=torch.long), labels=torch.zeros(1, 3, dtype=torch.long),
+           loss_mask=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="route must be one of"):
+        mdus.upscale(_pair("llama")[0], route="text_only")
+    with pytest.raises(TypeError, match="input_ids must be"):
+        lm(torch.zeros(1, 3))
