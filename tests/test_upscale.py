@@ -220,3 +220,34 @@ def test_bad_inputs():
         mdus.upscale(_pair("llama")[0], route="text_only")
     with pytest.raises(TypeError, match="input_ids must be"):
         lm(torch.zeros(1, 3))
+
+
+def test_real_smollm2_135m():
+    """The real embedded SmolLM2-135M-Instruct: identity at initialization and a frozen base after training."""
+    from mdus.models import embedded_gguf, load_base
+
+    try:
+        embedded_gguf()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    base, tok = load_base()
+    ref, _ = load_base()
+    tok.pad_token = tok.pad_token or tok.eos_token
+    ref.set_attn_implementation("mdus")
+    lm = mdus.upscale(base, speech_vocab_size=64)
+    assert len(lm.blocks) == 8 and lm.config.positions == [3, 7, 11, 15, 18, 22, 26, 30]  # 25% of 30 layers
+    ids = tok(["The capital of France is", "Speech units then text"], return_tensors="pt", padding=True)
+    want = ref(**ids).logits
+    got = lm(ids.input_ids, attention_mask=ids.attention_mask).logits[..., :49152]
+    valid = ids.attention_mask.bool()
+    assert (got[valid] - want[valid]).abs().max() <= 1e-6 * want.abs().max()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-3)
+    speech = torch.randint(49152, 49152 + 64, (20,))
+    text = tok(" hello world", return_tensors="pt").input_ids[0]
+    seq = torch.cat([speech, text])
+    loss = lm(seq, cu_seqlens=torch.tensor([0, seq.numel()], dtype=torch.int32), loss_mask=seq < 49152).loss
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
