@@ -1,0 +1,158 @@
+"""Benchmark of one training step of an up-scaled model: mdus against the same model run the usual way.
+
+One step = forward + backward + AdamW step over the trainable parameters (the inserted blocks and the speech rows;
+the base is frozen), on a batch of ``--tokens`` tokens made of ``--seqs`` equal-length sequences.
+
+Implementations:
+    * ``mdus``: ``mdus.upscale`` as shipped: the batch packed (cu_seqlens), every attention call through
+      ``mdus_kernels.attention``, the fused linear cross-entropy (no logits);
+    * ``baseline``: the same model and weights with transformers' ``sdpa`` attention in every host-class layer
+      (the base layers and transformer blocks), the batch as (seqs, tokens/seqs) with no padding, and the eager loss
+      ``F.cross_entropy(F.linear(h, W), y)`` over the full logits. E-Branchformer blocks run the same code in both.
+
+Model: random weights in a SmolLM2 shape: 360M (32 layers, d=960, 15/5 heads) on GPU, 135M (30 layers, d=576,
+9/3 heads) on CPU; vocabulary 49,152 + ``--speech-vocab`` speech units; 25% of the depth inserted, interleaved.
+Columns: ``tokens/s`` = tokens / ms_p50 * 1e3, ``peak_mem_MB`` (one step, beyond the model and optimizer state
+allocated before it), and for mdus rows ``speedup`` (baseline ms / mdus ms) and ``mem_vs_baseline``. Issue targets
+(GPU): speedup >= 1.5 and mem_vs_baseline <= 0.6.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import traceback
+from pathlib import Path
+
+import _common as C
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mdus
+
+OP = "upscale_train_step"
+SHAPES = {
+    "smollm2-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                         num_key_value_heads=5, head_dim=64),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64),
+}
+TABLE = ("impl", "block", "shape", "tokens", "ms_p50", "tokens/s", "peak_mem_MB", "speedup", "mem_vs_baseline",
+         "status")
+
+
+def build(shape: str, block: str, speech_vocab: int, dtype, device, impl: str):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, tie_word_embeddings=True, **SHAPES[shape])
+    with torch.device(device):
+        base = LlamaForCausalLM(config).to(dtype)
+    block_config = dict(cgmlp_units=4 * config.hidden_size) if block == "ebranchformer" else None
+    lm = mdus.upscale(base, block=block, block_config=block_config, speech_vocab_size=speech_vocab)
+    if impl == "baseline":
+        base.set_attn_implementation("sdpa")
+        for b in lm.blocks:
+            if hasattr(b, "self_attn") and hasattr(b.self_attn, "config"):
+                b.self_attn.config._attn_implementation = "sdpa"
+    return lm
+
+
+def make_step(lm, impl, tokens, seqs, speech_vocab, device):
+    gen = torch.Generator().manual_seed(1)
+    length = tokens // seqs
+    rows = []
+    for _ in range(seqs):  # ASR-like: speech units, then the transcript (the loss targets)
+        n_speech = length * 2 // 3
+        rows.append(torch.cat([torch.randint(49152, 49152 + speech_vocab, (n_speech,), generator=gen),
+                               torch.randint(0, 49152, (length - n_speech,), generator=gen)]))
+    ids = torch.stack(rows).to(device)
+    loss_mask = ids < 49152
+    opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=1e-5)
+    cu = torch.arange(seqs + 1, dtype=torch.int32, device=device) * length
+
+    def loss_fn():
+        if impl == "mdus":
+            return lm(ids.reshape(-1), cu_seqlens=cu, max_seqlen=length, loss_mask=loss_mask.reshape(-1)).loss
+        out = lm(ids, return_logits=True)
+        targets = lm._targets(ids, None, loss_mask, None, None)
+        return F.cross_entropy(out.logits.reshape(-1, out.logits.shape[-1]).float(), targets.reshape(-1))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def run_case(shape, block, tokens, seqs, speech_vocab, dtype, device, timing, base):
+    rows = []
+    for impl in ("baseline", "mdus"):
+        row = dict(base, impl=impl, block=block, shape=shape, tokens=tokens, seqs=seqs,
+                   dtype=str(dtype).removeprefix("torch."), status="ok", note="")
+        try:
+            lm = build(shape, block, speech_vocab, dtype, device, impl)
+            step = make_step(lm, impl, tokens, seqs, speech_vocab, device)
+            step()  # allocates the optimizer state outside the measured peak
+            t = C.timeit(step, device=device, **timing)
+            mem = C.peak_memory(step, device=device)
+            rows.append(dict(row, ms_p20=t["p20"], ms_p50=t["p50"], ms_p80=t["p80"],
+                             **{"tokens/s": tokens / t["p50"] * 1e3}, peak_mem_MB=mem / 1e6,
+                             trainable=mdus.count_trainable(lm)))
+        except Exception as exc:  # keep the other rows
+            traceback.print_exc()
+            rows.append(dict(row, status="skipped", note=f"{type(exc).__name__}: {exc}"[:200]))
+        finally:
+            lm = step = None
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    ok = {r["impl"]: r for r in rows if r["status"] == "ok"}
+    if len(ok) == 2:
+        ok["mdus"]["speedup"] = ok["baseline"]["ms_p50"] / ok["mdus"]["ms_p50"]
+        ok["mdus"]["mem_vs_baseline"] = ok["mdus"]["peak_mem_MB"] / ok["baseline"]["peak_mem_MB"]
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--shape", choices=list(SHAPES), help="default cuda: smollm2-360m, cpu: smollm2-135m")
+    p.add_argument("--blocks", nargs="+", default=["transformer", "ebranchformer"])
+    p.add_argument("--tokens", type=int, help="tokens per step (default cuda: 8192, cpu: 512)")
+    p.add_argument("--seqs", type=int, default=4, help="sequences per step (equal lengths)")
+    p.add_argument("--speech-vocab", type=int, default=5000)
+    p.add_argument("--out", type=Path, default=C.DEFAULT_OUT)
+    p.add_argument("--quick", action="store_true", help="a 2-layer model, 128 tokens (smoke test)")
+    args = p.parse_args(argv)
+
+    device = C.resolve_device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    shape = args.shape or ("smollm2-360m" if cuda else "smollm2-135m")
+    tokens = args.tokens or (8192 if cuda else 512)
+    timing = {} if cuda else dict(warmup=1, rep=3, budget_s=30.0)
+    if args.quick:
+        SHAPES["quick"] = dict(SHAPES["smollm2-135m"], num_hidden_layers=2)
+        shape, tokens, timing = "quick", 128, dict(warmup=1, rep=2, budget_s=1.0)
+    tag = C.device_tag(device)
+    env = C.env_info(device)
+    base = dict(op=OP, run_id=env["time_utc"], **env)
+    print(f"{OP} benchmark on {env['device']} | torch {env['torch']} | commit {env['commit']} | {dtype}")
+    all_rows = []
+    for block in args.blocks:
+        print(f"case {shape} block={block} tokens={tokens}", flush=True)
+        rows = run_case(shape, block, tokens, args.seqs, args.speech_vocab, dtype, device, timing, base)
+        C.append_rows(args.out / f"{tag}.csv", rows)
+        all_rows += rows
+    print()
+    print(C.format_table(all_rows, TABLE))
+    print(f"\nrows appended to {args.out / f'{tag}.csv'}")
+    return 0 if all(r["status"] == "ok" for r in all_rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
