@@ -1,11 +1,16 @@
-"""linear_cross_entropy against eager F.linear + F.cross_entropy: values, gradients, options, registration."""
+"""linear_cross_entropy / linear_kl_div against eager F.linear + F.cross_entropy / KL: values, gradients, options,
+registration; the Triton row kernels against the torch row math (under the interpreter on CPU, on CUDA when present).
+"""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import DEVICES
 
 import mdus_kernels as mk
+from mdus_kernels import _backend
 from mdus_kernels.ops import linear_cross_entropy as lce_mod
+from mdus_kernels.reference import linear_cross_entropy as ref
 
 N, D, V1, V2 = 37, 24, 61, 40  # odd sizes; two vocabulary blocks
 
@@ -270,3 +275,197 @@ def test_kl_bad_arguments():
         mk.linear_kl_div(hidden, (w1, w2), th, tw, mask=mask.long())
     with pytest.raises(ValueError, match=r"temperature must be > 0, got 0"):
         mk.linear_kl_div(hidden, (w1, w2), th, tw, temperature=0)
+
+
+# ---------------------------------------------------------------------------------------------- Triton row kernels
+
+# CUDA, and CPU under the interpreter (conftest turns it on when there is no GPU).
+TRITON_DEVICES = [dev for dev in DEVICES if _backend._available("triton", None, torch.device(dev)) is None]
+# (V, BLOCK_V): one partial block; eight blocks, the last partial; 4096 + a 1-wide block.
+ROW_SHAPES = [(1000, None), (1000, 128), (4097, None)]
+CE_ROW_OPTIONS = [(0.0, 0.0), (0.1, 0.0), (0.0, 3.0), (0.2, 15.0)]  # (label_smoothing, softcap); 0 = no softcap
+
+
+def row_logits(rows, v, seed, dev):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, v, generator=gen) * 4
+    z[1] += 60  # far from 0: the online max must keep every exp in range
+    return z.to(dev), gen
+
+
+def check_rows(got_loss, exp_loss, got, exp, untouched, compute_grad):
+    torch.testing.assert_close(got_loss, exp_loss, rtol=1e-5, atol=1e-5)
+    if compute_grad:
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
+    else:  # the kernels write nothing without compute_grad (the reference uses the chunk as scratch)
+        assert torch.equal(got, untouched)
+    assert torch.isfinite(got_loss).all() and torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("label_smoothing,softcap", CE_ROW_OPTIONS)
+@pytest.mark.parametrize("v,block", ROW_SHAPES)
+@pytest.mark.parametrize("dev", TRITON_DEVICES)
+def test_ce_row_kernel_matches_torch_rows(monkeypatch, dev, v, block, label_smoothing, softcap, scaled):
+    if block:
+        monkeypatch.setattr(lce_mod, "_ROW_BLOCK_V", block)
+    z, gen = row_logits(7, v, v + int(10 * softcap + 100 * label_smoothing), dev)
+    labels = torch.randint(0, v, (7,), generator=gen)
+    labels[[2, 5]] = -100
+    labels[0], labels[3] = 0, v - 1  # the first and last column
+    labels = labels.to(dev)
+    scale = (torch.rand(7, generator=gen) + 0.5).to(dev) if scaled else None
+    for compute_grad in (True, False):
+        got, exp = z.clone(), z.clone()
+        loss = lce_mod.ce_rows_triton_(got, labels, -100, label_smoothing, softcap, scale, compute_grad)
+        loss_exp = ref.logits_to_grad_(exp, labels, -100, label_smoothing, softcap, scale, compute_grad)
+        check_rows(loss, loss_exp, got, exp, z, compute_grad)
+        if compute_grad:
+            assert (got[[2, 5]] == 0).all() and (loss[[2, 5]] == 0).all()
+
+
+@pytest.mark.parametrize("dev", TRITON_DEVICES)
+def test_ce_row_kernel_all_ignored(dev):
+    """An ignore_index inside the vocabulary (7), every row ignored: zero losses and gradients, never NaN."""
+    z, _ = row_logits(4, 1000, 0, dev)
+    labels = torch.full((4,), 7, device=dev)
+    loss = lce_mod.ce_rows_triton_(z, labels, 7, 0.1, 5.0, torch.ones(4, device=dev), True)
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(z, torch.zeros_like(z))
+
+
+# (V_s, V_t, BLOCK_V): equal vocabularies; a teacher prefix ending inside a block; blocks past V_t; one teacher
+# entry; an empty teacher vocabulary (KL 0, gradient p_s).
+KL_ROW_SHAPES = [(1000, 1000, None), (1000, 700, 128), (4097, 4000, None), (4097, 1, None), (1000, 0, None)]
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("vs,vt,block", KL_ROW_SHAPES)
+@pytest.mark.parametrize("dev", TRITON_DEVICES)
+def test_kl_row_kernel_matches_torch_rows(monkeypatch, dev, vs, vt, block, temperature, scaled):
+    if block:
+        monkeypatch.setattr(lce_mod, "_ROW_BLOCK_V", block)
+    student, gen = row_logits(6, vs, vs + vt, dev)
+    # A teacher close to the student (small KL, where cancellation would show) and one far from it (row 4).
+    teacher = student[:, :vt] + torch.randn(6, vt, generator=gen).to(dev) * 0.05
+    teacher[4] = torch.randn(vt, generator=gen).to(dev) * 8
+    mask = torch.tensor([True, True, False, True, True, False], device=dev)
+    scale = (torch.rand(6, generator=gen) + 0.5).to(dev) if scaled else None
+    for compute_grad in (True, False):
+        got, exp = student.clone(), student.clone()
+        loss = lce_mod.kl_rows_triton_(got, teacher, mask, temperature, scale, compute_grad)
+        loss_exp = ref.kl_logits_to_grad_(exp, teacher, mask, temperature, scale, compute_grad)
+        check_rows(loss, loss_exp, got, exp, student, compute_grad)
+        if compute_grad:
+            assert (got[~mask] == 0).all() and (loss[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dev", TRITON_DEVICES)
+def test_kl_row_kernel_all_masked(dev):
+    student, _ = row_logits(3, 1000, 1, dev)
+    loss = lce_mod.kl_rows_triton_(student, student[:, :600].clone(), torch.zeros(3, dtype=torch.bool, device=dev),
+                                   2.0, None, True)
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(student, torch.zeros_like(student))
+
+
+def to_dev(dev, *tensors):
+    return tuple(t.to(dev) for t in tensors)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing,softcap", OPTIONS)
+@pytest.mark.parametrize("dev", TRITON_DEVICES)
+def test_triton_rows_end_to_end(dev, use_backend, reduction, label_smoothing, softcap):
+    use_backend("triton")
+    hidden, w1, w2, labels = to_dev(dev, *make(torch.float32, 20))
+    upstream = torch.randn(N if reduction == "none" else (), device=dev)
+    kw = dict(reduction=reduction, label_smoothing=label_smoothing)
+    got = grads(lambda h, w: mk.linear_cross_entropy(h, w, labels, logit_softcap=softcap, **kw), hidden, w1, w2,
+                upstream)
+    exp = grads(lambda h, w: eager(h, w, labels, softcap=softcap, **kw), hidden, w1, w2, upstream)
+    for g, e in zip(got, exp, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dev", TRITON_DEVICES)
+def test_triton_rows_low_precision_error_vs_eager(dev, use_backend):
+    """bf16 through the Triton rows: flash-attn's 2x rule against the float64 truth, as on the torch path."""
+    use_backend("triton")
+    hidden, w1, w2, labels = to_dev(dev, *make(torch.bfloat16, 21))
+    kw = dict(label_smoothing=0.1, softcap=10.0)
+    up = torch.tensor(1.0, device=dev)
+    truth = grads(lambda h, w: eager(h, w, labels, **kw), hidden.double(), w1.double(), w2.double(), up.double())
+    got = grads(lambda h, w: mk.linear_cross_entropy(h, w, labels, label_smoothing=0.1, logit_softcap=10.0), hidden,
+                w1, w2, up)
+    base = grads(lambda h, w: eager(h, w, labels, **kw), hidden, w1, w2, up)
+    for g, b, t in zip(got, base, truth, strict=True):
+        assert (g.double() - t).abs().max() <= 2 * (b.double() - t).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("dev", TRITON_DEVICES)
+def test_triton_rows_kl_end_to_end(dev, use_backend, reduction, temperature):
+    use_backend("triton")
+    hidden, w1, w2, th, tw, mask = to_dev(dev, *make_kl(torch.float32, 22))
+    upstream = torch.randn(N if reduction == "none" else (), device=dev)
+    kw = dict(temperature=temperature, reduction=reduction)
+    got = grads(lambda h, w: mk.linear_kl_div(h, w, th, tw, mask=mask, **kw), hidden, w1, w2, upstream)
+    exp = grads(lambda h, w: eager_kl(h, w, th, tw, mask, **kw), hidden, w1, w2, upstream)
+    for g, e in zip(got, exp, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dev", TRITON_DEVICES)
+def test_triton_rows_nothing_selected(dev, use_backend):
+    use_backend("triton")
+    hidden, w1, w2, th, tw, _ = to_dev(dev, *make_kl(torch.float32, 23))
+    labels = torch.full((N,), -100, device=dev)
+    none = torch.zeros(N, dtype=torch.bool, device=dev)
+    one = torch.tensor(1.0, device=dev)
+    for fn in (lambda h, w: mk.linear_cross_entropy(h, w, labels, label_smoothing=0.1, logit_softcap=4.0),
+               lambda h, w: mk.linear_kl_div(h, w, th, tw, mask=none)):
+        loss, gh, gw = grads(fn, hidden, w1, w2, one)
+        assert loss.item() == 0 and torch.equal(gh, torch.zeros_like(gh)) and torch.equal(gw, torch.zeros_like(gw))
+
+
+@pytest.mark.parametrize("dev", TRITON_DEVICES)
+def test_triton_rows_opcheck_and_compile(dev, use_backend):
+    """The same registration with the Triton rows inside (the KL op's body differs only in its row function)."""
+    use_backend("triton")
+    hidden, w1, w2, labels = to_dev(dev, *make(torch.float32, 24))
+    hidden.requires_grad_()
+    w2.requires_grad_()
+    torch.library.opcheck(torch.ops.mdus.linear_cross_entropy.default,
+                          (hidden, [w1, w2], labels, -100, "none", 0.1, 5.0, True, [False, True]))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda h, b: mk.linear_cross_entropy(h, (w1, b), labels, label_smoothing=0.1),
+                             fullgraph=True, backend="aot_eager")
+    got = grads(lambda h, w: compiled(h, w[1]), hidden, w1, w2, torch.tensor(1.0, device=dev))
+    exp = grads(lambda h, w: eager(h, w, labels, label_smoothing=0.1), hidden, w1, w2, torch.tensor(1.0, device=dev))
+    for g, e in zip(got, exp, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_row_math_dispatch(monkeypatch, use_backend):
+    """auto: Triton rows for CUDA tensors (so the benchmark's GPU runs take them), torch rows on CPU and for
+    float64; a forced backend is obeyed or refused, never silently replaced."""
+    monkeypatch.delenv("MDUS_KERNEL_BACKEND", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    if _backend.triton_module() is not None:
+        assert lce_mod._triton_rows(cuda, torch.bfloat16) and lce_mod._triton_rows(cuda, torch.float32)
+    assert not lce_mod._triton_rows(cuda, torch.float64)
+    assert not lce_mod._triton_rows(cpu, torch.float32)
+    use_backend("reference")
+    assert not lce_mod._triton_rows(cpu, torch.float32)
+    if "cpu" not in TRITON_DEVICES:
+        return
+    use_backend("triton")
+    assert lce_mod._triton_rows(cpu, torch.float32)
+    with pytest.raises(RuntimeError, match=r"MDUS_KERNEL_BACKEND=triton cannot run this call: .*float32"):
+        lce_mod._triton_rows(cpu, torch.float64)
+    calls = []
+    monkeypatch.setattr(lce_mod, "ce_rows_triton_", lambda *a: calls.append(1) or ref.logits_to_grad_(*a))
+    hidden, w1, w2, labels = make(torch.float32, 25)
+    mk.linear_cross_entropy(hidden, (w1, w2), labels)
+    assert len(calls) == 8  # ceil(37 / 5) chunks, each through the Triton launcher

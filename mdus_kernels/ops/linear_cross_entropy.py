@@ -1,4 +1,5 @@
-"""Fused linear + cross-entropy without materializing the (N, V) logits: chunk driver, registration, public API.
+"""Fused linear + cross-entropy without materializing the (N, V) logits: row kernels, chunk driver, registration,
+public API.
 
 The specification is ``mdus_kernels.reference.linear_cross_entropy``.
 
@@ -8,12 +9,20 @@ For ``reduction="mean"/"sum"`` the upstream gradient is a scalar, so the gradien
 the backward only scales them: the GEMM count equals eager's (logits, grad_hidden, grad_W) with no recompute,
 and memory is one chunk of logits instead of N x V logits and their gradient. ``reduction="none"`` needs per-row
 upstream gradients, so its backward (``mdus::linear_cross_entropy_backward``) recomputes the logits.
+
+The row math: on CUDA tensors (or with ``MDUS_KERNEL_BACKEND=triton``, on CPU under ``TRITON_INTERPRET=1``) one
+Triton program per row (``_ce_rows_kernel``, ``_kl_rows_kernel``) does it in fp32 and in place: an online max /
+sum-exp sweep over the row in ``BLOCK_V`` blocks gives the loss, and a second sweep overwrites the row with the
+gradient, so the only chunk-sized buffers are the logits chunk (and, for KL, the teacher's logits chunk). On CPU
+(and for float64, the gradcheck dtype) the row math is the reference's torch ops (``ref.logits_to_grad_``,
+``ref.kl_logits_to_grad_``).
 """
 
 import os
 
 import torch
 
+from mdus_kernels import _backend
 from mdus_kernels._checks import FLOAT_DTYPES, check_tensor
 from mdus_kernels.reference import linear_cross_entropy as ref
 from mdus_kernels.reference.linear_cross_entropy import REDUCTIONS
@@ -43,6 +52,220 @@ def _check_labels_values(labels: torch.Tensor, v: int, ignore_index: int) -> Non
         i = int(torch.nonzero(bad)[0])
         raise ValueError(f"labels must be in [0, {v}) (the vocabulary size) or ignore_index={ignore_index}, "
                          f"got labels[{i}]={int(labels[i])}")
+
+
+# ---------------------------------------------------------------------------------------------- Triton row kernels
+
+# Largest vocabulary block one program holds in registers per sweep (fp32: 16 values per thread at 8 warps).
+_ROW_BLOCK_V = 4096
+
+triton = _backend.triton_module()
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _softcap(b_z, softcap):
+        """``softcap * tanh(z / softcap)`` and its derivative ``1 - tanh^2``, from one exp (no tanh in the core
+        language, and libdevice does not run under the interpreter)."""
+        b_x = b_z / softcap
+        b_a = tl.abs(b_x)
+        b_e = tl.exp(-2.0 * b_a)
+        b_big = (1.0 - b_e) / (1.0 + b_e)
+        # 1 - e cancels as |x| -> 0; there the odd Taylor series to x^9 is exact to fp32 rounding (the first
+        # dropped term is < 1e-8 relative for |x| < 0.25).
+        b_x2 = b_x * b_x
+        b_small = b_x * (1.0 + b_x2 * (-0.3333333333333333 + b_x2 * (0.13333333333333333 + b_x2 * (
+            -0.05396825396825397 + b_x2 * 0.021869488536155203))))
+        b_t = tl.where(b_a < 0.25, b_small, tl.where(b_x < 0, -b_big, b_big))
+        # 4e / (1 + e)^2 is sech^2 without the cancellation of 1 - tanh^2 where tanh saturates
+        return softcap * b_t, 4.0 * b_e / ((1.0 + b_e) * (1.0 + b_e))
+
+    @triton.jit
+    def _ce_rows_kernel(p_z, p_y, p_scale, p_loss, stride_z, V, ignore_index, eps, softcap,
+                        HAS_SCALE: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, GRAD: tl.constexpr,
+                        BLOCK_V: tl.constexpr):
+        i_r = tl.program_id(0).to(tl.int64)
+        p_row = p_z + i_r * stride_z  # int64: rows x V passes 2^31 in a chunk of a large vocabulary
+        o_v = tl.arange(0, BLOCK_V)
+        b_y = tl.load(p_y + i_r)
+        if b_y == ignore_index:
+            # Ignored rows (prompt tokens, padding) are never read: zeros written (or nothing without GRAD).
+            if GRAD:
+                for v0 in range(0, V, BLOCK_V):
+                    tl.store(p_row + v0 + o_v, tl.zeros([BLOCK_V], dtype=tl.float32), mask=v0 + o_v < V)
+            tl.store(p_loss + i_r, 0.0)
+        else:
+            # Labels are checked at the API; the clamp only keeps an unchecked one inside the row.
+            i_y = tl.minimum(tl.maximum(b_y, 0), V - 1)
+            b_sy = tl.load(p_row + i_y)
+            if SOFTCAP:
+                b_sy, _ = _softcap(b_sy, softcap)
+            # Sweep 1: online max and sum of exp(s - max), rescaled when the max grows; sum of s for smoothing.
+            b_m = float("-inf")
+            b_d = 0.0
+            b_sum = 0.0
+            for v0 in range(0, V, BLOCK_V):
+                o_j = v0 + o_v
+                m_j = o_j < V
+                b_s = tl.load(p_row + o_j, mask=m_j, other=0.0)
+                if SOFTCAP:
+                    b_s, _ = _softcap(b_s, softcap)
+                if SMOOTH:
+                    b_sum += tl.sum(b_s)  # masked lanes hold 0 (and the softcap keeps 0 at 0)
+                b_s = tl.where(m_j, b_s, float("-inf"))
+                b_mn = tl.maximum(b_m, tl.max(b_s, 0))
+                b_d = b_d * tl.exp(b_m - b_mn) + tl.sum(tl.exp(b_s - b_mn))
+                b_m = b_mn
+            b_loss = b_m + tl.log(b_d) - (1.0 - eps) * b_sy
+            if SMOOTH:
+                b_loss -= eps / V * b_sum
+            tl.store(p_loss + i_r, b_loss)
+            if GRAD:
+                if HAS_SCALE:
+                    b_c = tl.load(p_scale + i_r).to(tl.float32)
+                else:
+                    b_c = 1.0
+                b_p = b_c / b_d
+                # Sweep 2: re-read z (recomputing the softcap is cheaper than storing s and reading it back) and
+                # overwrite it with scale * (softmax - (1 - eps) * onehot - eps / V) * dsoftcap.
+                for v0 in range(0, V, BLOCK_V):
+                    o_j = v0 + o_v
+                    m_j = o_j < V
+                    b_s = tl.load(p_row + o_j, mask=m_j, other=0.0)
+                    if SOFTCAP:
+                        b_s, b_dcap = _softcap(b_s, softcap)
+                    b_g = tl.exp(b_s - b_m) * b_p
+                    if SMOOTH:
+                        b_g -= b_c * eps / V
+                    b_g = tl.where(o_j == i_y, b_g - b_c * (1.0 - eps), b_g)
+                    if SOFTCAP:
+                        b_g *= b_dcap
+                    tl.store(p_row + o_j, b_g, mask=m_j)
+
+    @triton.jit
+    def _kl_rows_kernel(p_s, p_t, p_mask, p_scale, p_loss, stride_s, stride_t, VS, VT, temperature,
+                        HAS_SCALE: tl.constexpr, GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+        i_r = tl.program_id(0).to(tl.int64)
+        p_srow = p_s + i_r * stride_s
+        p_trow = p_t + i_r * stride_t
+        o_v = tl.arange(0, BLOCK_V)
+        if tl.load(p_mask + i_r) == 0:
+            if GRAD:
+                for v0 in range(0, VS, BLOCK_V):
+                    tl.store(p_srow + v0 + o_v, tl.zeros([BLOCK_V], dtype=tl.float32), mask=v0 + o_v < VS)
+            tl.store(p_loss + i_r, 0.0)
+        else:
+            # Sweep 1 over the student row, with the teacher row alongside for its first VT entries: online
+            # (max, sum-exp) of both, and A = sum_j exp(w_j - m_t) * (w_j - u_j) rescaled with the teacher's sum.
+            b_ms = float("-inf")
+            b_ds = 0.0
+            b_mt = float("-inf")
+            b_dt = 0.0
+            b_a = 0.0
+            for v0 in range(0, VS, BLOCK_V):
+                o_j = v0 + o_v
+                m_s = o_j < VS
+                m_t = o_j < VT  # blocks past VT load nothing from the teacher
+                b_u = tl.load(p_srow + o_j, mask=m_s, other=0.0) / temperature
+                b_w = tl.load(p_trow + o_j, mask=m_t, other=0.0) / temperature
+                b_mn = tl.maximum(b_ms, tl.max(tl.where(m_s, b_u, float("-inf")), 0))
+                b_ds = b_ds * tl.exp(b_ms - b_mn) + tl.sum(tl.where(m_s, tl.exp(b_u - b_mn), 0.0))
+                b_ms = b_mn
+                b_mn = tl.maximum(b_mt, tl.max(tl.where(m_t, b_w, float("-inf")), 0))
+                # The first block holds teacher entries unless VT == 0; then a max of 0 keeps exp(m_t - m_n) from
+                # being exp(-inf + inf) = NaN, and the teacher's sums stay 0.
+                b_mn = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+                b_alpha = tl.exp(b_mt - b_mn)
+                b_pt = tl.where(m_t, tl.exp(b_w - b_mn), 0.0)
+                b_dt = b_dt * b_alpha + tl.sum(b_pt)
+                b_a = b_a * b_alpha + tl.sum(b_pt * (b_w - b_u))
+                b_mt = b_mn
+            # KL = E_pt[w - u] - lse_t + lse_s with lse_s - lse_t = (m_s - m_t) + log(d_s / d_t): the terms cancel
+            # at the scale of |w - u|, not of the lse (~log V), so nearly equal models keep a small absolute error.
+            # An underflowed teacher probability contributes exactly 0 (the reference's xlogy convention). d_t >= 1
+            # as soon as VT >= 1, so the max(., 1) only matters for an empty teacher vocabulary (KL 0).
+            b_dt1 = tl.maximum(b_dt, 1.0)
+            b_kl = tl.where(b_dt > 0, b_a / b_dt1 + (b_ms - b_mt) + tl.log(b_ds / b_dt1), 0.0)
+            tl.store(p_loss + i_r, b_kl)
+            if GRAD:
+                if HAS_SCALE:
+                    b_c = tl.load(p_scale + i_r).to(tl.float32) / temperature
+                else:
+                    b_c = 1.0 / temperature
+                b_cs = b_c / b_ds
+                b_ct = b_c / b_dt1
+                # Sweep 2: the student row becomes scale / T * (p_s - p_t), p_t = 0 past VT.
+                for v0 in range(0, VS, BLOCK_V):
+                    o_j = v0 + o_v
+                    m_s = o_j < VS
+                    m_t = o_j < VT
+                    b_u = tl.load(p_srow + o_j, mask=m_s, other=0.0) / temperature
+                    b_w = tl.load(p_trow + o_j, mask=m_t, other=0.0) / temperature
+                    b_g = tl.exp(b_u - b_ms) * b_cs - tl.where(m_t, tl.exp(b_w - b_mt) * b_ct, 0.0)
+                    tl.store(p_srow + o_j, b_g, mask=m_s)
+
+
+def _row_launch_config(v: int) -> dict:
+    block = min(triton.next_power_of_2(max(v, 1)), _ROW_BLOCK_V)
+    return dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
+
+
+def _check_chunk(t: torch.Tensor, name: str) -> None:
+    # The kernels write the gradient into the chunk itself, so they cannot work on a contiguous copy.
+    if t.dtype != torch.float32 or (t.shape[1] > 1 and t.stride(1) != 1):
+        raise ValueError(f"{name} must be a float32 chunk with unit column stride, got {t.dtype}, strides "
+                         f"{t.stride()}")
+
+
+def ce_rows_triton_(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, label_smoothing: float,
+                    softcap: float, row_scale: torch.Tensor | None, compute_grad: bool) -> torch.Tensor:
+    """Triton launcher with the contract of ``ref.logits_to_grad_``: (C, V) fp32 logits -> (C,) fp32 losses, and
+    with ``compute_grad`` the chunk overwritten by the (row-scaled) gradient. One program per row."""
+    _check_chunk(logits, "logits")
+    c, v = logits.shape
+    loss = torch.empty(c, dtype=torch.float32, device=logits.device)
+    if c:
+        _ce_rows_kernel[(c,)](
+            logits, labels.long().contiguous(), loss if row_scale is None else row_scale.contiguous(), loss,
+            logits.stride(0), v, int(ignore_index), float(label_smoothing), float(softcap or 1.0),
+            HAS_SCALE=row_scale is not None, SMOOTH=bool(label_smoothing), SOFTCAP=bool(softcap),
+            GRAD=bool(compute_grad), **_row_launch_config(v))
+    return loss
+
+
+def kl_rows_triton_(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float,
+                    row_scale: torch.Tensor | None, compute_grad: bool) -> torch.Tensor:
+    """Triton launcher with the contract of ``ref.kl_logits_to_grad_``: (C, V_s) student and (C, V_t) teacher
+    fp32 logits -> (C,) fp32 KL(teacher || student); with ``compute_grad`` the student chunk becomes the gradient."""
+    _check_chunk(student, "student")
+    _check_chunk(teacher, "teacher")
+    c, vs = student.shape
+    loss = torch.empty(c, dtype=torch.float32, device=student.device)
+    if c:
+        _kl_rows_kernel[(c,)](
+            student, teacher, mask.contiguous().view(torch.uint8), loss if row_scale is None else
+            row_scale.contiguous(), loss, student.stride(0), teacher.stride(0), vs, teacher.shape[1],
+            float(temperature), HAS_SCALE=row_scale is not None, GRAD=bool(compute_grad), **_row_launch_config(vs))
+    return loss
+
+
+def _triton_rows(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the row math of a call on ``device`` runs in the Triton row kernels, else in the reference's torch
+    ops.
+
+    The op has no compiled kernel (``native_op=None``): on CPU "cpp" (auto's choice) and "reference" both mean the
+    torch row math; on CUDA auto picks Triton. float64 (gradcheck) keeps the torch row math, as attention does.
+    """
+    backend = _backend.choose_backend(None, device)
+    if backend == "triton" and dtype == torch.float64:
+        if _backend.requested_backend() == "triton":
+            raise RuntimeError("MDUS_KERNEL_BACKEND=triton cannot run this call: the Triton row kernels of the fused "
+                               "loss take float16, bfloat16 and float32 inputs (fp32 logits)")
+        return False
+    return backend == "triton"
+
+
+# ---------------------------------------------------------------------------------------------------- chunk driver
 
 
 def _chunk_loop(hidden, weights, row_fn, row_scale, hidden_grad, weight_grad, cast_grads=True):
@@ -86,21 +309,23 @@ def _chunk_loop(hidden, weights, row_fn, row_scale, hidden_grad, weight_grad, ca
     return losses, grad_h, grad_w
 
 
-def _ce_rows(labels, ignore_index, label_smoothing, softcap):
+def _ce_rows(labels, ignore_index, label_smoothing, softcap, triton_rows):
+    rows = ce_rows_triton_ if triton_rows else ref.logits_to_grad_
+
     def row_fn(logits, start, stop, row_scale, compute_grad):
-        return ref.logits_to_grad_(logits, labels[start:stop], ignore_index, label_smoothing, softcap, row_scale,
-                                   compute_grad)
+        return rows(logits, labels[start:stop], ignore_index, label_smoothing, softcap, row_scale, compute_grad)
 
     return row_fn
 
 
-def _kl_rows(teacher_hidden, teacher_weight, mask, temperature):
+def _kl_rows(teacher_hidden, teacher_weight, mask, temperature, triton_rows):
     dt = _compute_dtype(teacher_hidden)
     w_t = teacher_weight.to(dt)
+    rows = kl_rows_triton_ if triton_rows else ref.kl_logits_to_grad_
 
     def row_fn(logits, start, stop, row_scale, compute_grad):
         teacher = (teacher_hidden[start:stop].to(dt) @ w_t.T).to(logits.dtype)
-        return ref.kl_logits_to_grad_(logits, teacher, mask[start:stop], temperature, row_scale, compute_grad)
+        return rows(logits, teacher, mask[start:stop], temperature, row_scale, compute_grad)
 
     return row_fn
 
@@ -185,8 +410,8 @@ def _lce_op(hidden: torch.Tensor, weights: list[torch.Tensor], labels: torch.Ten
             reduction: str, label_smoothing: float, softcap: float, hidden_grad: bool,
             weight_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     _check_labels_values(labels, sum(w.shape[0] for w in weights), ignore_index)
-    return _forward(hidden, weights, _ce_rows(labels, ignore_index, label_smoothing, softcap), labels != ignore_index,
-                    reduction, hidden_grad, weight_grad)
+    rows = _ce_rows(labels, ignore_index, label_smoothing, softcap, _triton_rows(hidden.device, hidden.dtype))
+    return _forward(hidden, weights, rows, labels != ignore_index, reduction, hidden_grad, weight_grad)
 
 
 @_lce_op.register_fake
@@ -198,8 +423,8 @@ def _(hidden, weights, labels, ignore_index, reduction, label_smoothing, softcap
 def _lce_backward_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weights: list[torch.Tensor],
                      labels: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float,
                      hidden_grad: bool, weight_grad: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    return _recompute(grad_loss, hidden, weights, _ce_rows(labels, ignore_index, label_smoothing, softcap),
-                      hidden_grad, weight_grad)
+    rows = _ce_rows(labels, ignore_index, label_smoothing, softcap, _triton_rows(hidden.device, hidden.dtype))
+    return _recompute(grad_loss, hidden, weights, rows, hidden_grad, weight_grad)
 
 
 @_lce_backward_op.register_fake
@@ -230,8 +455,8 @@ _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 def _lkl_op(hidden: torch.Tensor, weights: list[torch.Tensor], teacher_hidden: torch.Tensor,
             teacher_weight: torch.Tensor, mask: torch.Tensor, temperature: float, reduction: str, hidden_grad: bool,
             weight_grad: list[bool]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    return _forward(hidden, weights, _kl_rows(teacher_hidden, teacher_weight, mask, temperature), mask, reduction,
-                    hidden_grad, weight_grad)
+    rows = _kl_rows(teacher_hidden, teacher_weight, mask, temperature, _triton_rows(hidden.device, hidden.dtype))
+    return _forward(hidden, weights, rows, mask, reduction, hidden_grad, weight_grad)
 
 
 @_lkl_op.register_fake
@@ -244,8 +469,8 @@ def _lkl_backward_op(grad_loss: torch.Tensor, hidden: torch.Tensor, weights: lis
                      teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, mask: torch.Tensor,
                      temperature: float, hidden_grad: bool,
                      weight_grad: list[bool]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    return _recompute(grad_loss, hidden, weights, _kl_rows(teacher_hidden, teacher_weight, mask, temperature),
-                      hidden_grad, weight_grad)
+    rows = _kl_rows(teacher_hidden, teacher_weight, mask, temperature, _triton_rows(hidden.device, hidden.dtype))
+    return _recompute(grad_loss, hidden, weights, rows, hidden_grad, weight_grad)
 
 
 @_lkl_backward_op.register_fake

@@ -21,8 +21,10 @@
     (SALAD's cross-modal distillation); see ``kl_logits_to_grad_``. Reductions as above, "mean" over the selected
     positions (0 when none is selected). Gradients reach the student side only.
 
-``logits_to_grad_(logits, labels, ...)`` is the row math on one chunk, shared by every backend's chunk loop: it
-returns the per-row losses and overwrites ``logits`` with ``d(sum_i scale_i * loss_i) / d(logits)``.
+``logits_to_grad_(logits, labels, ...)`` is the row math on one chunk: it returns the per-row losses and overwrites
+``logits`` with ``d(sum_i scale_i * loss_i) / d(logits)`` (``kl_logits_to_grad_`` likewise for KL). The chunk loop
+runs it on CPU and for float64; the Triton row kernels in ``mdus_kernels/ops/linear_cross_entropy.py`` have the same
+contract and replace it on CUDA.
 """
 
 import torch
