@@ -10,6 +10,7 @@ from mdus_kernels import _backend
 _backend.load_extension()
 
 from mdus_kernels.ops.attention import attention  # noqa: E402
+from mdus_kernels.ops.cgmlp import cgmlp_gate, depthwise_conv1d  # noqa: E402
 from mdus_kernels.ops.linear_cross_entropy import linear_cross_entropy, linear_kl_div  # noqa: E402
 from mdus_kernels.ops.patch_pool import (  # noqa: E402
     boundary_patch_offsets,
@@ -21,6 +22,8 @@ from mdus_kernels.ops.patch_pool import (  # noqa: E402
 __all__ = [
     "attention",
     "boundary_patch_offsets",
+    "cgmlp_gate",
+    "depthwise_conv1d",
     "linear_cross_entropy",
     "linear_kl_div",
     "patch_pool",
