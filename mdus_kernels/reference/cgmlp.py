@@ -140,7 +140,8 @@ def _mask_rows(v: torch.Tensor, speech_mask: torch.Tensor | None) -> torch.Tenso
 
 
 def _layer_norm_stats(xg: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    var, mean = torch.var_mean(xg, dim=1, correction=0)
+    mean = xg.mean(dim=1)
+    var = (xg - mean.unsqueeze(1)).square().mean(dim=1)  # biased, as LayerNorm's
     return mean, torch.rsqrt(var + eps)
 
 
