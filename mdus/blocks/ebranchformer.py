@@ -1,0 +1,193 @@
+"""The E-Branchformer block, built to be inserted between the frozen layers of a decoder LLM.
+
+Data flow (ESPnet's E-Branchformer, with the changes an insertion into a frozen causal LM needs)::
+
+    x = x + 1/2 FFN_macaron(norm(x))                                   (optional)
+    a = MHSA(norm(x))           causal, the host's RoPE and GQA layout, through mdus_kernels.attention
+    g = cgMLP(norm(x))          restricted to speech positions (0 at text positions)
+    c = [a, g]                  (.., 2d)
+    x = x + Linear_2d->d(c + DWConv(c))                                  the merge module
+    x = x + 1/2 FFN(norm(x))                                            (optional)
+    x = norm_final(x)                                                   (optional, off: it would break identity)
+
+**Exact identity at initialization**: the attention output projection, the merge DWConv and the FFNs' output
+layers start at zero and the merge projection starts as ``W = [I; 0]``, so the block adds exactly 0 to its input,
+and the up-scaled model reproduces the frozen model bit for bit. The attention branch receives gradient from the
+first step (through the identity half of the merge); the cgMLP branch as soon as the merge's zero half moves.
+
+**Causal by default**: a speech LM predicts the next token, so both depthwise convs only look back
+(``causal=False`` gives ESPnet's centered convs, for bidirectional encoders).
+
+**Layouts** follow the host model's attention call: a padded batch with a 2-D ``attention_mask`` (padding is
+excluded: it is zeroed before the convs and is never speech), or a packed row (``cu_seq_lens_q`` kwargs, or
+``position_ids`` that restart) whose sequences never mix, in the attention or in the convs.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+import mdus_kernels
+from mdus.attention import cu_seqlens_from_position_ids, mdus_attention_forward
+from mdus.blocks.cgmlp import ConvolutionalGatingMLP
+
+
+def make_norm(norm: str | Callable[[int], nn.Module], size: int, eps: float) -> nn.Module:
+    """``"rms"`` (LLaMA-family hosts), ``"layer"`` (ESPnet), or a factory ``size -> module`` (e.g. the host's own
+    norm class)."""
+    if callable(norm):
+        return norm(size)
+    if norm == "rms":
+        return nn.RMSNorm(size, eps=eps)
+    if norm == "layer":
+        return nn.LayerNorm(size, eps=eps)
+    raise ValueError(f"norm must be 'rms', 'layer' or a callable size -> module, got {norm!r}")
+
+
+class FeedForward(nn.Sequential):
+    """Linear -> SiLU -> Linear, the output layer zero-initialized so that a new block starts as the identity."""
+
+    def __init__(self, size: int, units: int):
+        super().__init__(nn.Linear(size, units), nn.SiLU(), nn.Linear(units, size))
+        nn.init.zeros_(self[2].weight)
+        nn.init.zeros_(self[2].bias)
+
+
+class EBranchformerBlock(nn.Module):
+    """An E-Branchformer layer with a decoder layer's call signature (``hidden_states (B, T, d)`` plus the host's
+    ``attention_mask``, ``position_ids``, ``position_embeddings``, ``past_key_values`` and kwargs), returning the
+    new ``hidden_states``.
+
+    Args:
+        config: the host's transformers config (hidden size, heads, KV heads, head dim, RMSNorm eps, bias).
+        layer_idx: the block's index in the up-scaled stack (its KV-cache slot).
+        cgmlp_units: cgMLP width U (the gate convolves U/2 channels). Default ``4 * hidden_size``.
+        cgmlp_kernel: cgMLP depthwise conv width (3-63). merge_kernel: the merge DWConv's width.
+        causal: causal (default) or centered convs.
+        macaron_ffn, ffn: add the half-step FFNs before / after the branches (width ``ffn_units``, default the host's
+            ``intermediate_size``).
+        norm: the pre-norms' type: ``"rms"``, ``"layer"`` or a factory ``size -> module``.
+        final_norm: ESPnet's final LayerNorm (off: it breaks the identity at initialization).
+
+    Forward kwargs: ``speech_mask`` ((B, T) bool, True at speech tokens) restricts the cgMLP branch to speech
+    positions; without it every token is treated as speech.
+    """
+
+    is_causal = True  # read by mdus_attention_forward
+    takes_speech_mask = True  # SpeechLM passes speech_mask to blocks that say so
+
+    def __init__(self, config, layer_idx: int | None = None, *, cgmlp_units: int | None = None,
+                 cgmlp_kernel: int = 31, merge_kernel: int = 31, causal: bool = True, macaron_ffn: bool = False,
+                 ffn: bool = False, ffn_units: int | None = None, norm: str | Callable = "rms",
+                 final_norm: bool = False):
+        super().__init__()
+        d = config.hidden_size
+        self.config, self.layer_idx, self.causal = config, layer_idx, causal
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or d // self.num_heads
+        eps = getattr(config, "rms_norm_eps", 1e-5)
+        bias = bool(getattr(config, "attention_bias", False))
+        ffn_units = ffn_units or getattr(config, "intermediate_size", 4 * d)
+
+        self.ffn_macaron = FeedForward(d, ffn_units) if macaron_ffn else None
+        self.norm_ffn_macaron = make_norm(norm, d, eps) if macaron_ffn else None
+        self.norm_mha = make_norm(norm, d, eps)
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.norm_mlp = make_norm(norm, d, eps)
+        self.cgmlp = ConvolutionalGatingMLP(d, cgmlp_units or 4 * d, cgmlp_kernel, causal=causal)
+        self.fusion_weight = nn.Parameter(torch.zeros(2 * d, 1, merge_kernel))  # depthwise over the 2d channels
+        self.fusion_bias = nn.Parameter(torch.zeros(2 * d))
+        self.merge_proj = nn.Linear(2 * d, d)
+        self.ffn = FeedForward(d, ffn_units) if ffn else None
+        self.norm_ffn = make_norm(norm, d, eps) if ffn else None
+        self.norm_final = nn.LayerNorm(d) if final_norm else None
+        self.reset_identity()
+
+    @torch.no_grad()
+    def reset_identity(self) -> None:
+        """Sets the parameters that make the block the identity: zero attention output, zero merge DWConv, merge
+        projection ``[I; 0]`` (the attention half passes through, the cgMLP half is closed)."""
+        d = self.config.hidden_size
+        nn.init.zeros_(self.o_proj.weight)
+        nn.init.zeros_(self.fusion_weight)
+        nn.init.zeros_(self.fusion_bias)
+        self.merge_proj.weight.zero_()
+        self.merge_proj.weight[:, :d] = torch.eye(d)
+        self.merge_proj.bias.zero_()
+
+    def _layout(self, hidden, attention_mask, position_ids, cu_seq_lens_q):
+        """(cu_seqlens for a packed row or None, (B, T) bool mask of real tokens or None)."""
+        batch, t = hidden.shape[:2]
+        if cu_seq_lens_q is not None and batch == 1:
+            return cu_seq_lens_q.int(), None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError("EBranchformerBlock needs the 2-D padding mask of attn_implementation='mdus', got "
+                                 f"an attention_mask of shape {tuple(attention_mask.shape)}")
+            return None, attention_mask[:, -t:].bool()
+        if position_ids is not None and batch == 1 and t > 1:
+            cu, _ = cu_seqlens_from_position_ids(position_ids[:1])
+            if cu.numel() > 2:
+                return cu, None
+        return None, None
+
+    def _attend(self, h, attention_mask, position_ids, position_embeddings, past_key_values, **kwargs):
+        batch, t, _ = h.shape
+        q = self.q_proj(h).view(batch, t, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(h).view(batch, t, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(h).view(batch, t, -1, self.head_dim).transpose(1, 2)
+        if position_embeddings is None:
+            raise ValueError("EBranchformerBlock needs the host's rotary position_embeddings (cos, sin)")
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        out, _ = mdus_attention_forward(self, q, k, v, attention_mask, scaling=self.head_dim ** -0.5,
+                                        position_ids=position_ids, **kwargs)
+        return self.o_proj(out.reshape(batch, t, -1))
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                speech_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        x = hidden_states
+        batch, t, d = x.shape
+        cu, valid = self._layout(x, attention_mask, position_ids, kwargs.get("cu_seq_lens_q"))
+        if speech_mask is not None:
+            if speech_mask.shape != (batch, t) or speech_mask.dtype != torch.bool:
+                raise ValueError(f"speech_mask must be a ({batch}, {t}) bool tensor (batch, tokens), got "
+                                 f"{tuple(speech_mask.shape)} {speech_mask.dtype}")
+        gate = speech_mask if valid is None else (valid if speech_mask is None else speech_mask & valid)
+
+        if self.ffn_macaron is not None:
+            x = x + 0.5 * self.ffn_macaron(self.norm_ffn_macaron(x))
+        a = self._attend(self.norm_mha(x), attention_mask, position_ids, position_embeddings, past_key_values,
+                         **kwargs)
+        h = self.norm_mlp(x)
+        if cu is not None:
+            g = self.cgmlp(h.view(t, d), cu_seqlens=cu,
+                           speech_mask=None if gate is None else gate.view(t)).view(batch, t, d)
+        else:
+            g = self.cgmlp(h, speech_mask=gate)
+        if gate is not None:
+            g = g * gate.unsqueeze(-1).to(g.dtype)  # channel_proj2's bias would otherwise reach text positions
+        c = torch.cat([a, g], dim=-1)
+        if valid is not None:
+            c = c * valid.unsqueeze(-1).to(c.dtype)  # padding reads as the zero padding of the segment edge
+        if cu is not None:
+            fused = mdus_kernels.depthwise_conv1d(c.view(t, 2 * d), self.fusion_weight, self.fusion_bias,
+                                                  cu_seqlens=cu, causal=self.causal).view(batch, t, 2 * d)
+        else:
+            fused = mdus_kernels.depthwise_conv1d(c, self.fusion_weight, self.fusion_bias, causal=self.causal)
+        x = x + self.merge_proj(c + fused)
+        if self.ffn is not None:
+            x = x + 0.5 * self.ffn(self.norm_ffn(x))
+        if self.norm_final is not None:
+            x = self.norm_final(x)
+        return x
