@@ -1,0 +1,293 @@
+"""Training of up-scaled speech LMs and their baselines: packing, AdamW with warm-up and decay, checkpoints that
+resume bit-exactly, signal handling, progress and metrics.
+
+An *example* is ``(units, text)``: speech unit ids (0..K-1) and the transcript's text token ids. Its sequence is
+``[text_vocab + units] + text (+ eos)``, trained by next-token prediction on the transcript only (ASR, as in the
+paper). Sequences are packed without padding into varlen batches of at most ``max_tokens`` tokens
+(``cu_seqlens``), in an order drawn from ``seed + epoch``, so the whole data order is a function of the config.
+
+**Bit-exact resume.** A checkpoint holds the trainable tensors, the optimizer and scheduler state, every RNG state
+and the position in the data order, and is taken only at step boundaries. On CPU the computation is deterministic,
+so a resumed run reproduces the losses of an uninterrupted one exactly (tested). Checkpoints are written to a
+temporary file and renamed, so a run killed while saving never leaves a broken checkpoint; SIGINT and SIGTERM stop
+the run at the next step boundary after saving one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import mdus
+from mdus.upscale import SpeechLM
+
+METHODS = ("dus-transformer", "dus-ebranchformer", "full-ft", "lora")
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.2          # decay to lr * min_lr_ratio (the paper: 1e-4 -> 2e-5)
+    warmup_steps: int = 20
+    max_steps: int = 200
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.98)
+    max_tokens: int = 2048             # tokens per micro-batch (packed)
+    grad_accum: int = 1
+    clip_norm: float = 1.0
+    eval_every: int = 50
+    save_every: int = 50
+    seed: int = 0
+    budget_minutes: float | None = None
+    bf16: bool = True                  # autocast on GPU only
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+def build_method(base, method: str, *, speech_vocab_size: int, route: str = "all", block_config: dict | None = None,
+                 lora_params: int | None = None, n_insert: int | None = None) -> SpeechLM:
+    """One of ``METHODS`` around ``base``. ``lora`` matches ``lora_params`` trainable parameters (e.g. those of the
+    up-scaled model), else uses rank 8."""
+    if method == "dus-transformer":
+        return mdus.upscale(base, block="transformer", speech_vocab_size=speech_vocab_size, route=route,
+                            block_config=block_config, n_insert=n_insert)
+    if method == "dus-ebranchformer":
+        return mdus.upscale(base, block="ebranchformer", speech_vocab_size=speech_vocab_size, route=route,
+                            block_config=block_config, n_insert=n_insert)
+    if method == "full-ft":
+        return mdus.full_finetune(base, speech_vocab_size=speech_vocab_size)
+    if method == "lora":
+        if lora_params:
+            return mdus.lora(base, match_params=lora_params, speech_vocab_size=speech_vocab_size)
+        return mdus.lora(base, rank=8, speech_vocab_size=speech_vocab_size)
+    raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- batching
+
+
+def make_sequence(units: torch.Tensor, text: torch.Tensor, text_vocab: int, eos: int | None):
+    """(token ids, loss mask): speech units shifted above the text vocabulary, then the transcript (+ eos)."""
+    tail = text if eos is None else torch.cat([text, text.new_tensor([eos])])
+    ids = torch.cat([units.long() + text_vocab, tail.long()])
+    mask = torch.zeros(ids.shape[0], dtype=torch.bool)
+    mask[units.shape[0]:] = True
+    return ids, mask
+
+
+def pack(lengths: Sequence[int], order: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Greedy packing of examples (in ``order``) into batches of at most ``max_tokens`` tokens; an example longer
+    than the budget gets a batch of its own."""
+    batches, current, used = [], [], 0
+    for i in order:
+        n = lengths[i]
+        if current and used + n > max_tokens:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(seqs: Sequence[tuple[torch.Tensor, torch.Tensor]], device) -> dict:
+    ids = torch.cat([s for s, _ in seqs]).to(device)
+    mask = torch.cat([m for _, m in seqs]).to(device)
+    lengths = torch.tensor([s.shape[0] for s, _ in seqs])
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).to(device)
+    return dict(input_ids=ids, cu_seqlens=cu, max_seqlen=int(lengths.max()), loss_mask=mask)
+
+
+def epoch_batches(lengths, epoch: int, cfg: TrainConfig) -> list[list[int]]:
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    return pack(lengths, torch.randperm(len(lengths), generator=g).tolist(), cfg.max_tokens)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    t = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, lm: SpeechLM, opt, sched, state: dict) -> None:
+    """Atomic: written to ``<path>.tmp`` and renamed, so the previous checkpoint survives a kill mid-save."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"trainable": lm.trainable_state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(), "rng": _rng_state(), "state": state,
+                "config": asdict(lm.config)}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, lm: SpeechLM, opt, sched) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    params = dict(lm.named_parameters())
+    missing = sorted(set(lm.trainable_state_dict()) - set(ckpt["trainable"]))
+    if missing:
+        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}")
+    with torch.no_grad():
+        for name, value in ckpt["trainable"].items():
+            params[name].copy_(value)
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    _set_rng_state(ckpt["rng"])
+    return ckpt["state"]
+
+
+# ---------------------------------------------------------------------------------------------------- the loop
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag instead of killing the process: the loop saves and stops at the next step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+@torch.no_grad()
+def evaluate_loss(lm: SpeechLM, seqs, cfg: TrainConfig, device) -> float:
+    """Mean transcript loss over ``seqs`` (token-weighted)."""
+    was_training = lm.training
+    lm.eval()
+    total, count = 0.0, 0
+    lengths = [s.shape[0] for s, _ in seqs]
+    for batch in pack(lengths, range(len(seqs)), cfg.max_tokens):
+        b = collate([seqs[i] for i in batch], device)
+        n = int(_targets_count(b))
+        if n:
+            total += float(lm(**b).loss) * n
+            count += n
+    lm.train(was_training)
+    return total / max(count, 1)
+
+
+def _targets_count(batch) -> int:
+    # Targets are the masked tokens that are not the first of their sequence (nothing predicts those).
+    mask = batch["loss_mask"].clone()
+    mask[batch["cu_seqlens"][:-1].long()] = False
+    return int(mask.sum())
+
+
+def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
+          device: str | torch.device = "cpu", on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Trains the trainable parameters of ``lm`` on ``train_seqs`` (a list of ``make_sequence`` results).
+
+    Writes ``out_dir/checkpoint.pt`` (every ``save_every`` steps, at the end, and on SIGINT/SIGTERM or when the
+    time budget runs out) and ``out_dir/metrics.jsonl`` (one line per step, plus eval lines). With ``resume=True``
+    it continues from the checkpoint exactly where it stopped. Returns a summary dict with ``status``
+    ("done", "budget", or the signal's name), ``step`` and the last losses.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, metrics_path = out / "checkpoint.pt", out / "metrics.jsonl"
+    device = torch.device(device)
+    lm.to(device).train()
+    params = [p for p in lm.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    lengths = [s.shape[0] for s, _ in train_seqs]
+    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "elapsed_s": 0.0}
+    if resume:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
+        state = load_checkpoint(ckpt_path, lm, opt, sched)
+        # Metrics of steps after the checkpoint were never confirmed by one: drop them, they will be redone.
+        if metrics_path.is_file():
+            kept = [ln for ln in metrics_path.read_text().splitlines()
+                    if ln and json.loads(ln).get("step", 0) <= state["step"]]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cfg.bf16 and device.type == "cuda")
+    start, t0_elapsed = time.monotonic(), state["elapsed_s"]
+    batches = epoch_batches(lengths, state["epoch"], cfg)
+    status, last = "done", {}
+    bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not cfg.progress, desc="train", unit="step")
+    with _StopFlag() as stop, open(metrics_path, "a") as log:
+        while state["step"] < cfg.max_steps:
+            opt.zero_grad(set_to_none=True)
+            loss_sum, n_tok = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                if state["batch"] >= len(batches):
+                    state["epoch"] += 1
+                    state["batch"] = 0
+                    batches = epoch_batches(lengths, state["epoch"], cfg)
+                b = collate([train_seqs[i] for i in batches[state["batch"]]], device)
+                state["batch"] += 1
+                with autocast:
+                    loss = lm(**b).loss
+                (loss / cfg.grad_accum).backward()
+                loss_sum += float(loss.detach())
+                n_tok += int(b["input_ids"].shape[0])
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
+            opt.step()
+            sched.step()
+            state["step"] += 1
+            state["tokens"] += n_tok
+            state["elapsed_s"] = t0_elapsed + time.monotonic() - start
+            last = {"step": state["step"], "loss": loss_sum / cfg.grad_accum, "lr": sched.get_last_lr()[0],
+                    "grad_norm": grad_norm, "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 3)}
+            if cfg.eval_every and dev_seqs and state["step"] % cfg.eval_every == 0:
+                last["dev_loss"] = evaluate_loss(lm, dev_seqs, cfg, device)
+            log.write(json.dumps(last) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.3f}")
+            if on_step is not None:
+                on_step(state["step"], last)
+            over_budget = cfg.budget_minutes is not None and state["elapsed_s"] > cfg.budget_minutes * 60
+            if stop.signal or over_budget or state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
+                save_checkpoint(ckpt_path, lm, opt, sched, dict(state))
+            if stop.signal or over_budget:
+                status = stop.signal or "budget"
+                break
+    bar.close()
+    return {"status": status, **state, "last": last, "checkpoint": str(ckpt_path), "metrics": str(metrics_path)}
