@@ -18,8 +18,8 @@ Kernels
     * forward: a statistics kernel (one read of x_g: per-token mean/rstd, kept for the backward), then the fused
       kernel over (token block, channel block) tiles: each of the k taps loads the shifted x_g tile (L1/L2 hits after
       the first), normalizes it and accumulates ``w[:, j] * h`` in fp32 registers; bias, gate and one store follow.
-      HBM traffic is two reads of x_g, one of x_r and one write, against three for any unfused implementation's
-      *each* pass.
+      Memory traffic: x_g read twice, x_r once, out written once; the eager composition (LayerNorm, transposes,
+      conv, multiply) reads and writes an (N, C) tensor in each of its passes.
     * backward: one kernel over (token range, channel block) programs recomputes h and z (no (N, C) activation is
       saved), writes dx_r = dout * z, dh = transposed conv of dz = dout * x_r, and the LayerNorm's dxhat with its two
       per-token partial row sums per channel block; a second kernel combines the row sums into dx_g. Parameter

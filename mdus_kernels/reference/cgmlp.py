@@ -37,10 +37,18 @@ output ``(N, C)``::
 
 and ``out[t] = 0`` for text tokens.
 
+Edge cases
+    * Empty sequences (``cu_seqlens[b] == cu_seqlens[b + 1]``) have no tokens and contribute nothing; ``N == 0``
+      (including ``cu_seqlens == [0]``) gives ``(0, C)`` outputs and empty gradients.
+    * A one-token segment sees only itself: ``y[t] = bias + weight[:, L] * x[t]`` (the middle tap centered, the last
+      tap causal); the LayerNorm of a single token is its own normalization over channels, unaffected.
+    * An all-text batch gives an all-zero output and zero gradients for x; parameter gradients are then 0 too.
+    * ``k = 1`` is a per-channel scale; an even k centered looks one token further right than left.
+
 Numerics
     Computed in fp32 for fp16/bf16/fp32 inputs (fp64 for fp64), returned in ``x.dtype``. Parameters may have any
-    float dtype; they are used in the computation dtype and their gradients are returned in their own dtype.
-    Empty inputs give empty outputs; empty segments contribute nothing.
+    float dtype; they are used in the computation dtype and their gradients are returned in their own dtype. The
+    LayerNorm uses the biased variance, as ``torch.nn.LayerNorm`` does.
 
 This module gives differentiable functions (``cgmlp_gate``, ``depthwise_conv1d``, both layouts, autograd through
 plain torch ops) and, for the packed layout, the explicit forward/backward pair the ``reference`` backend runs
