@@ -1,0 +1,70 @@
+"""mdus.evaluate: normalization, WER/CER through jiwer, greedy decoding with and without a KV cache, text
+degradation against the base."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import mdus
+from mdus import evaluate as E
+
+V = 64
+CONFIG = LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+
+
+def _pair(block="transformer", perturb=0.0):
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(CONFIG).eval()
+    ref = copy.deepcopy(base)
+    cfg = dict(cgmlp_units=16, cgmlp_kernel=3, merge_kernel=3) if block == "ebranchformer" else None
+    lm = mdus.upscale(base, block=block, block_config=cfg, speech_vocab_size=10)
+    if perturb:
+        with torch.no_grad():
+            for p in lm.blocks.parameters():
+                p.add_(perturb * torch.randn_like(p))
+    return lm, ref
+
+
+def test_normalize_and_error_rates():
+    assert E.normalize_text("  Don\u2019t PANIC -- it's 42!  ") == "don't panic it's 42"
+    assert E.normalize_text("'quoted' words.") == "quoted words"
+    r = E.error_rates(["Hello, world!", "a b c d"], ["hello world", "a x c"])
+    assert r["wer"] == pytest.approx(2 / 6)  # one substitution + one deletion over 6 reference words
+    assert 0 < r["cer"] < 1 and r["utterances"] == 2
+    with pytest.raises(ValueError, match="differ in length"):
+        E.error_rates(["a"], [])
+    with pytest.raises(ValueError, match="every reference is empty"):
+        E.error_rates(["!!"], ["a"])
+
+
+def test_greedy_decode_cache_matches_recompute():
+    lm, _ = _pair(perturb=0.3)
+    prompt = torch.tensor([V + 1, V + 4, V + 2, 5, 9])
+    cached = E.greedy_decode(lm, prompt, max_new_tokens=12, allowed_vocab=V, use_cache=True)
+    full = E.greedy_decode(lm, prompt, max_new_tokens=12, allowed_vocab=V, use_cache=False)
+    assert torch.equal(cached, full) and cached.numel() == 12 and int(cached.max()) < V
+
+
+def test_greedy_decode_ebranchformer_and_eos():
+    lm, _ = _pair("ebranchformer", perturb=0.3)
+    prompt = torch.tensor([V + 1, V + 2, 3])
+    out = E.greedy_decode(lm, prompt, max_new_tokens=8, allowed_vocab=V)
+    first = int(out[0])
+    stopped = E.greedy_decode(lm, prompt, max_new_tokens=8, allowed_vocab=V, eos=first)
+    assert stopped.tolist() == [first]
+
+
+def test_text_degradation():
+    texts = [torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(n)) for n in (7, 12, 5)]
+    prompts = [t[:3] for t in texts]
+    lm, ref = _pair()
+    same = E.text_degradation(lm, ref, texts, continuation_prompts=prompts, continuation_tokens=6)
+    assert same["text_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert same["text_ppl"] == pytest.approx(same["text_ppl_base"], rel=1e-5)
+    assert same["greedy_agreement"] == 1.0
+    lm, ref = _pair(perturb=0.5)
+    moved = E.text_degradation(lm, ref, texts, continuation_prompts=prompts, continuation_tokens=6)
+    assert moved["text_kl"] > 1e-3 and moved["text_ppl"] != pytest.approx(moved["text_ppl_base"], rel=1e-3)
