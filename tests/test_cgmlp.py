@@ -5,7 +5,7 @@ argument errors, and the ConvolutionalGatingMLP module against an ESPnet-style e
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backends_for
+from conftest import DEVICES, backends_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -16,6 +16,7 @@ from mdus_kernels import _backend
 from mdus_kernels.reference import cgmlp as ref
 
 BACKENDS = backends_for("cpu", "cgmlp_gate_fwd_kernel")
+DEVICE_BACKENDS = [(d, b) for d in DEVICES for b in backends_for(d, "cgmlp_gate_fwd_kernel")]
 KERNELS = [3, 7, 31, 63]
 
 
@@ -23,7 +24,7 @@ def make_cu(lengths, dtype=torch.int64):
     return torch.tensor([0, *torch.tensor(lengths, dtype=torch.long).cumsum(0).tolist()], dtype=dtype)
 
 
-def make_inputs(lengths, c, k, *, dtype=torch.float32, masked=False, seed=0, param_dtype=None):
+def make_inputs(lengths, c, k, *, dtype=torch.float32, masked=False, seed=0, param_dtype=None, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
     n = sum(lengths)
     x = (torch.randn(n, 2 * c, generator=gen, dtype=torch.float64) + 0.5).to(dtype)
@@ -35,7 +36,8 @@ def make_inputs(lengths, c, k, *, dtype=torch.float32, masked=False, seed=0, par
         (1 + 0.3 * torch.randn(c, generator=gen, dtype=torch.float64)).to(pd),  # conv_bias
     ]
     mask = torch.rand(n, generator=gen) < 0.7 if masked else None
-    return x, params, make_cu(lengths), mask
+    return (x.to(device), [p.to(device) for p in params], make_cu(lengths).to(device),
+            None if mask is None else mask.to(device))
 
 
 def runs(lengths, mask):
@@ -173,13 +175,13 @@ LENGTHS = [23, 1, 0, 38, 5, 0, 12]
 C = 10
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("k", KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_gate_matches_reference(backend, k, causal, masked, use_backend):
-    x, params, cu, mask = make_inputs(LENGTHS, C, k, masked=masked, seed=k)
-    g = torch.randn(x.shape[0], C, generator=torch.Generator().manual_seed(1))
+def test_gate_matches_reference(device, backend, k, causal, masked, use_backend):
+    x, params, cu, mask = make_inputs(LENGTHS, C, k, masked=masked, seed=k, device=device)
+    g = torch.randn(x.shape[0], C, generator=torch.Generator().manual_seed(1)).to(device)
     kw = dict(cu_seqlens=cu.to(torch.int32), speech_mask=mask, causal=causal)
     leaves = [t.clone().requires_grad_() for t in (x, *params)]
     expected = ref.cgmlp_gate(*leaves, **kw)
@@ -194,13 +196,13 @@ def test_gate_matches_reference(backend, k, causal, masked, use_backend):
         assert (out[~mask] == 0).all() and (grads[0][~mask] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("k", KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_depthwise_conv_matches_reference(backend, k, causal, use_backend):
-    x, params, cu, _ = make_inputs(LENGTHS, C, k, seed=k)
+def test_depthwise_conv_matches_reference(device, backend, k, causal, use_backend):
+    x, params, cu, _ = make_inputs(LENGTHS, C, k, seed=k, device=device)
     x = x[:, :C].contiguous()
-    g = torch.randn(x.shape[0], C, generator=torch.Generator().manual_seed(2))
+    g = torch.randn(x.shape[0], C, generator=torch.Generator().manual_seed(2)).to(device)
     for bias in (params[3], None):
         leaves = [t.clone().requires_grad_() for t in (x, params[2], bias) if t is not None]
         expected = ref.depthwise_conv1d(*leaves, cu_seqlens=cu, causal=causal)
@@ -266,14 +268,16 @@ def test_non_contiguous_input_and_mixed_parameter_dtype(backend, use_backend):
     assert all(p.grad.dtype == torch.float32 for p in leaves)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("device,backend", [(d, b) for d, b in DEVICE_BACKENDS if b != "reference"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_error_vs_pytorch(backend, dtype, use_backend):
+def test_low_precision_error_vs_pytorch(device, backend, dtype, use_backend):
     """flash-attn's rule: error vs a float64 truth at most 2x that of the reference computed in the same dtype (by
     PyTorch, rounding at every op), values and every gradient, plus a floor of a few ulps of the largest value."""
     k = 31
-    x, params, cu, mask = make_inputs([37, 1, 60], 16, k, masked=True, seed=7)
-    g = torch.randn(x.shape[0], 16, generator=torch.Generator().manual_seed(8))
+    # On a GPU, also a realistic width: many channel blocks and token programs.
+    lengths, c = ([37, 1, 60], 16) if device == "cpu" else ([1500, 1, 2600], 768)
+    x, params, cu, mask = make_inputs(lengths, c, k, masked=True, seed=7, device=device)
+    g = torch.randn(x.shape[0], c, generator=torch.Generator().manual_seed(8)).to(device)
     kw = dict(cu_seqlens=cu, speech_mask=mask, causal=False)
 
     def reference(tensors, compute_dtype):
@@ -321,13 +325,14 @@ def test_gradcheck_float64(backend, causal, use_backend):
                                            leaves[4]))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in ("cpp", "triton")])
-def test_parameter_gradients_are_deterministic(backend, use_backend):
+@pytest.mark.parametrize("device,backend", [(d, b) for d, b in DEVICE_BACKENDS if b in ("cpp", "triton")])
+def test_parameter_gradients_are_deterministic(device, backend, use_backend):
     use_backend(backend)
-    # Large enough for the C++ kernel to split the tokens into many tiles and groups.
-    lengths = [700, 3, 1200, 97] if backend == "cpp" else [90, 3, 60]
-    x, params, cu, mask = make_inputs(lengths, 70 if backend == "cpp" else 20, 31, masked=True, seed=12)
-    g = torch.randn(x.shape[0], params[0].shape[0], generator=torch.Generator().manual_seed(13))
+    # Large enough for the C++ kernel (and a GPU) to split the tokens into many tiles and groups.
+    small = device == "cpu" and backend == "triton"  # the interpreter
+    lengths = [90, 3, 60] if small else [700, 3, 1200, 97]
+    x, params, cu, mask = make_inputs(lengths, 20 if small else 70, 31, masked=True, seed=12, device=device)
+    g = torch.randn(x.shape[0], params[0].shape[0], generator=torch.Generator().manual_seed(13)).to(device)
     first = run_op(mk.cgmlp_gate, x, params, g, cu_seqlens=cu, speech_mask=mask)[1]
     threads = torch.get_num_threads()
     try:

@@ -123,7 +123,7 @@ if triton is not None:
                            LN: tl.constexpr, GATE: tl.constexpr, HAS_BIAS: tl.constexpr, ACC: tl.constexpr,
                            BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
         i_g = tl.program_id(0).to(tl.int64)
-        i_c = tl.program_id(1)
+        i_c = tl.program_id(1).to(tl.int64)  # (2 * i_c) * N indexes the row sums
         o_c = i_c * BLOCK_C + tl.arange(0, BLOCK_C)
         m_c = o_c < C
         b_nw, b_nb = _ln_params(p_nw, p_nb, o_c, m_c, LN, ACC, BLOCK_C)
