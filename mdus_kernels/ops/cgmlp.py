@@ -318,16 +318,12 @@ def dwconv_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
 # ---------------------------------------------------------------------------------------------------- registration
 
 
-def _backend_for(native_op: str, device: torch.device) -> str:
-    return _backend.choose_backend(native_op, device)
-
-
 @torch.library.custom_op("mdus::cgmlp_gate", mutates_args=())
 def _cgmlp_gate_op(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, conv_weight: torch.Tensor,
                    conv_bias: torch.Tensor, cu_seqlens: torch.Tensor, speech_mask: torch.Tensor | None, causal: bool,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_offsets_values(cu_seqlens, "cu_seqlens", x.shape[0], "x.shape[0]")
-    backend = _backend_for("cgmlp_gate_fwd_kernel", x.device)
+    backend = _backend.choose_backend("cgmlp_gate_fwd_kernel", x.device)
     if backend in ("cpp", "cuda"):
         return torch.ops.mdus.cgmlp_gate_fwd_kernel(x, norm_weight, norm_bias, conv_weight, conv_bias, cu_seqlens,
                                                     speech_mask, causal, eps)
@@ -351,7 +347,7 @@ def _cgmlp_gate_backward_op(grad: torch.Tensor, x: torch.Tensor, norm_weight: to
                             cu_seqlens: torch.Tensor, speech_mask: torch.Tensor | None, mean: torch.Tensor,
                             rstd: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                        torch.Tensor, torch.Tensor]:
-    backend = _backend_for("cgmlp_gate_bwd_kernel", x.device)
+    backend = _backend.choose_backend("cgmlp_gate_bwd_kernel", x.device)
     if backend in ("cpp", "cuda"):
         dx, dnw, dnb, dcw, dcb = torch.ops.mdus.cgmlp_gate_bwd_kernel(
             grad, x, norm_weight, norm_bias, conv_weight, conv_bias, cu_seqlens, speech_mask, mean, rstd, causal)
@@ -395,7 +391,7 @@ _cgmlp_gate_op.register_autograd(_cgmlp_backward, setup_context=_cgmlp_setup_con
 def _dwconv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor,
                speech_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     check_offsets_values(cu_seqlens, "cu_seqlens", x.shape[0], "x.shape[0]")
-    backend = _backend_for("depthwise_conv1d_fwd_kernel", x.device)
+    backend = _backend.choose_backend("depthwise_conv1d_fwd_kernel", x.device)
     if backend in ("cpp", "cuda"):
         return torch.ops.mdus.depthwise_conv1d_fwd_kernel(x, weight, bias, cu_seqlens, speech_mask, causal)
     if backend == "triton":
@@ -412,7 +408,7 @@ def _(x, weight, bias, cu_seqlens, speech_mask, causal):
 def _dwconv_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor,
                         speech_mask: torch.Tensor | None,
                         causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _backend_for("depthwise_conv1d_bwd_kernel", x.device)
+    backend = _backend.choose_backend("depthwise_conv1d_bwd_kernel", x.device)
     if backend in ("cpp", "cuda"):
         dx, dw, db = torch.ops.mdus.depthwise_conv1d_bwd_kernel(grad, x, weight, cu_seqlens, speech_mask, causal)
     elif backend == "triton":
