@@ -51,9 +51,9 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
     return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "utterances": len(pairs)}
 
 
-def _uses_conv_state(lm) -> bool:
-    # E-Branchformer blocks convolve over past positions, which a KV cache does not hold: decode those without one.
-    return any(getattr(b, "takes_speech_mask", False) for b in getattr(lm, "blocks", []))
+def _cache_unsupported(lm) -> bool:
+    # Centered (non-causal) convs read future positions: incremental decoding cannot reproduce them.
+    return any(getattr(b, "causal", True) is False for b in getattr(lm, "blocks", []))
 
 
 @torch.no_grad()
@@ -62,12 +62,12 @@ def greedy_decode(lm, prompt: torch.Tensor, *, max_new_tokens: int, eos: int | N
     """Greedy continuation of one prompt (1-D ids) by a ``SpeechLM``; returns the new ids (1-D).
 
     ``allowed_vocab`` restricts the choice to ids below it (the text vocabulary, for ASR output). With a KV cache
-    (the default where the blocks allow it) each step runs only the new token.
+    (the default; impossible only with non-causal blocks) each step runs only the new token.
     """
     from transformers import DynamicCache
 
     if use_cache is None:
-        use_cache = not _uses_conv_state(lm)
+        use_cache = not _cache_unsupported(lm)
     was_training = lm.training
     lm.eval()
     ids = prompt.reshape(1, -1)

@@ -40,8 +40,9 @@ def test_normalize_and_error_rates():
         E.error_rates(["!!"], ["a"])
 
 
-def test_greedy_decode_cache_matches_recompute():
-    lm, _ = _pair(perturb=0.3)
+@pytest.mark.parametrize("block", ["transformer", "ebranchformer"])
+def test_greedy_decode_cache_matches_recompute(block):
+    lm, _ = _pair(block, perturb=0.3)
     prompt = torch.tensor([V + 1, V + 4, V + 2, 5, 9])
     cached = E.greedy_decode(lm, prompt, max_new_tokens=12, allowed_vocab=V, use_cache=True)
     full = E.greedy_decode(lm, prompt, max_new_tokens=12, allowed_vocab=V, use_cache=False)

@@ -152,6 +152,49 @@ class EBranchformerBlock(nn.Module):
                                         position_ids=position_ids, **kwargs)
         return self.o_proj(out.reshape(batch, t, -1))
 
+    def _cgmlp_branch(self, x, gate, cu):
+        """The cgMLP of the branch input x (B, T, d), 0 at positions where ``gate`` is False."""
+        batch, t, d = x.shape
+        h = self.norm_mlp(x)
+        if cu is not None:
+            g = self.cgmlp(h.view(t, d), cu_seqlens=cu,
+                           speech_mask=None if gate is None else gate.view(t)).view(batch, t, d)
+        else:
+            g = self.cgmlp(h, speech_mask=gate)
+        if gate is not None:
+            g = g * gate.unsqueeze(-1).to(g.dtype)  # channel_proj2's bias would otherwise reach text positions
+        return g
+
+    def _merge_conv(self, c, cu):
+        if cu is not None:
+            t = c.shape[1]
+            return mdus_kernels.depthwise_conv1d(c.view(t, -1), self.fusion_weight, self.fusion_bias, cu_seqlens=cu,
+                                                 causal=self.causal).view(c.shape)
+        return mdus_kernels.depthwise_conv1d(c, self.fusion_weight, self.fusion_bias, causal=self.causal)
+
+    def _cached_convs(self, cache, x, a, gate, cu, valid):
+        """(c, merge DWConv(c)) for the new rows of incremental decoding. A KV cache holds no conv inputs, so the
+        block keeps, on the cache object, the last k_cgmlp - 1 branch inputs (with their speech flags) and the last
+        k_merge - 1 rows of c: the new rows depend on nothing older, so they equal a full recomputation."""
+        if not self.causal:
+            raise NotImplementedError("cached decoding needs causal convs (EBranchformerBlock(causal=True))")
+        if cu is not None or valid is not None:
+            raise NotImplementedError("cached decoding of an E-Branchformer block takes unpadded rows, one "
+                                      "sequence each")
+        batch, t, _ = x.shape
+        speech = gate if gate is not None else torch.ones(batch, t, dtype=torch.bool, device=x.device)
+        store = cache.__dict__.setdefault("_mdus_conv_state", {})
+        empty = (x[:, :0], speech[:, :0], x.new_zeros(batch, 0, 2 * x.shape[-1]))
+        x_hist, s_hist, c_hist = store.get(self.layer_idx, empty)
+        x_all, s_all = torch.cat([x_hist, x], 1), torch.cat([s_hist, speech], 1)
+        c = torch.cat([a, self._cgmlp_branch(x_all, s_all, None)[:, -t:]], dim=-1)
+        c_all = torch.cat([c_hist, c], 1)
+        fused = self._merge_conv(c_all, None)[:, -t:]
+        k_gate, k_merge = self.cgmlp.csgu.conv.weight.shape[-1], self.fusion_weight.shape[-1]
+        keep = lambda v, n: v[:, v.shape[1] - min(n, v.shape[1]):]  # noqa: E731
+        store[self.layer_idx] = (keep(x_all, k_gate - 1), keep(s_all, k_gate - 1), keep(c_all, k_merge - 1))
+        return c, fused
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None, use_cache: bool = False,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -169,22 +212,13 @@ class EBranchformerBlock(nn.Module):
             x = x + 0.5 * self.ffn_macaron(self.norm_ffn_macaron(x))
         a = self._attend(self.norm_mha(x), attention_mask, position_ids, position_embeddings, past_key_values,
                          **kwargs)
-        h = self.norm_mlp(x)
-        if cu is not None:
-            g = self.cgmlp(h.view(t, d), cu_seqlens=cu,
-                           speech_mask=None if gate is None else gate.view(t)).view(batch, t, d)
+        if past_key_values is not None:
+            c, fused = self._cached_convs(past_key_values, x, a, gate, cu, valid)
         else:
-            g = self.cgmlp(h, speech_mask=gate)
-        if gate is not None:
-            g = g * gate.unsqueeze(-1).to(g.dtype)  # channel_proj2's bias would otherwise reach text positions
-        c = torch.cat([a, g], dim=-1)
-        if valid is not None:
-            c = c * valid.unsqueeze(-1).to(c.dtype)  # padding reads as the zero padding of the segment edge
-        if cu is not None:
-            fused = mdus_kernels.depthwise_conv1d(c.view(t, 2 * d), self.fusion_weight, self.fusion_bias,
-                                                  cu_seqlens=cu, causal=self.causal).view(batch, t, 2 * d)
-        else:
-            fused = mdus_kernels.depthwise_conv1d(c, self.fusion_weight, self.fusion_bias, causal=self.causal)
+            c = torch.cat([a, self._cgmlp_branch(x, gate, cu)], dim=-1)
+            if valid is not None:
+                c = c * valid.unsqueeze(-1).to(c.dtype)  # padding reads as the zero padding of the segment edge
+            fused = self._merge_conv(c, cu)
         x = x + self.merge_proj(c + fused)
         if self.ffn is not None:
             x = x + 0.5 * self.ffn(self.norm_ffn(x))
