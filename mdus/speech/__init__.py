@@ -1,0 +1,38 @@
+"""Speech front ends: audio -> discrete unit ids (placed above the text vocabulary by the model), or continuous
+embeddings.
+
+One capability per module:
+
+* ``logmel``: Kaldi-style log-mel filterbanks in torch (``logmel``, ``LogMel``, ``mel_banks``);
+* ``kmeans``: k-means++ and Lloyd in torch, deterministic given a seed (``KMeans``);
+* ``kmeans_tokenizer``: units by k-means over frame features, pooled to a chosen rate (``KMeansTokenizer``);
+* ``ssl``: a hidden layer of HuBERT / wav2vec 2.0 as frame features (``SSLFeatures``);
+* ``unit_files``: units precomputed elsewhere, read from files named in a manifest (``read_units``,
+  ``UnitFileTokenizer``);
+* ``subsampler``: log-mel -> embeddings through a trainable strided conv stack (``ConvSubsampler``);
+* ``factory``: the shared interface (``SpeechTokenizer``), ``build_tokenizer`` and ``load_tokenizer``.
+
+``SSLFeatures`` imports transformers only when it is used.
+"""
+
+from mdus.speech._common import dedup
+from mdus.speech.factory import KINDS, SpeechTokenizer, build_tokenizer, load_tokenizer
+from mdus.speech.kmeans import KMeans
+from mdus.speech.kmeans_tokenizer import KMeansTokenizer, pool_frames
+from mdus.speech.logmel import LogMel, logmel, mel_banks, num_frames
+from mdus.speech.subsampler import ConvSubsampler
+from mdus.speech.unit_files import UnitFileTokenizer, check_units, read_units
+
+
+def __getattr__(name):
+    # SSLFeatures pulls in transformers (seconds to import); load it on first use only.
+    if name == "SSLFeatures":
+        from mdus.speech.ssl import SSLFeatures
+
+        return SSLFeatures
+    raise AttributeError(f"module 'mdus.speech' has no attribute {name!r}")
+
+
+__all__ = ["KINDS", "ConvSubsampler", "KMeans", "KMeansTokenizer", "LogMel", "SSLFeatures", "SpeechTokenizer",
+           "UnitFileTokenizer", "build_tokenizer", "check_units", "dedup", "load_tokenizer", "logmel", "mel_banks",
+           "num_frames", "pool_frames", "read_units"]
