@@ -11,10 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mdus import demo
 from mdus.data import cli as data_cli
 
 COMMANDS = {
     "data": (data_cli.add_arguments, data_cli.run),
+    "demo": (demo.add_arguments, demo.run),
 }
 
 

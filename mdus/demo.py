@@ -1,0 +1,234 @@
+"""``mdus demo``: synthesize speech, tokenize it, train every method from the real SmolLM2-135M, evaluate, report.
+
+Steps (each writes into ``OUT``):
+
+1. ``OUT/data``: a TTS corpus (``mdus.data.synthesize``: fortunes sentences, espeak-ng/flite voices, held-out voices
+   and sentences for dev/test);
+2. ``OUT/tokenizer``: log-mel k-means units fit on the training audio (``mdus.speech.KMeansTokenizer``);
+3. ``OUT/<method>``: each method trained on ``[speech units] -> transcript`` (``mdus.train``), with checkpoints
+   and ``metrics.jsonl``; LoRA's rank is matched to the up-scaled model's trainable-parameter count;
+4. evaluation: greedy ASR on the test split (WER/CER) and text degradation on held-out sentences against a fresh
+   copy of the base model (``mdus.evaluate``);
+5. ``OUT/results.json`` (method -> wer, cer, text_ppl, text_ppl_base, text_kl, trainable_params, ...) and
+   ``OUT/report.md`` with a table and PNG plots.
+
+The time budget is split: a fixed share for data and tokenizer, the rest evenly over the methods' training (the
+step count of each is calibrated from the time of its first steps so that the learning-rate schedule completes),
+plus their evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_METHODS = ("dus-ebranchformer", "dus-transformer", "full-ft", "lora")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
+    p.add_argument("--budget-minutes", type=float, default=40.0, help="total time budget (default 40)")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--n-train", type=int, default=600)
+    p.add_argument("--n-dev", type=int, default=30)
+    p.add_argument("--n-test", type=int, default=40)
+    p.add_argument("--units", type=int, default=200, help="k-means speech units")
+    p.add_argument("--frame-rate", type=float, default=25.0, help="unit rate in Hz (a divisor of 100)")
+    p.add_argument("--max-tokens", type=int, default=1024, help="tokens per packed batch")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per method)")
+    p.add_argument("--route", default="all", choices=["all", "speech_only"], help="for the dus methods")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _lr(method: str, override: float | None) -> float:
+    if override is not None:
+        return override
+    # New blocks and speech rows start from scratch and take a large rate; full fine-tuning moves pretrained
+    # weights and needs a small one (the usual choices of each recipe).
+    return {"full-ft": 1e-4, "lora": 1e-3}.get(method, 1e-3)
+
+
+def _sequences(manifest, tokenizer, text_tok, progress: bool):
+    from tqdm.auto import tqdm
+
+    from mdus.data.audio import AudioStream
+    from mdus.data.readers import read_manifest
+    from mdus.train import make_sequence
+
+    stream = AudioStream(read_manifest(manifest))
+    items = []
+    for utt, wave in tqdm(stream, desc=f"units {Path(manifest).stem}", disable=not progress):
+        units = tokenizer.encode(wave)
+        text = torch.tensor(text_tok(" " + utt.text.strip(), add_special_tokens=False).input_ids)
+        items.append((utt, units, text))
+    if stream.n_skipped:
+        print(stream.summary())
+    seqs = [make_sequence(u, t, len(text_tok), text_tok.eos_token_id) for _, u, t in items]
+    return items, seqs
+
+
+def _calibrated_steps(lm, seqs, cfg, device, seconds: float) -> int:
+    """How many steps fit in ``seconds``: times two forward+backward passes on a typical batch (no update)."""
+    from mdus.train import collate, epoch_batches
+
+    batch = epoch_batches([s.shape[0] for s, _ in seqs], 0, cfg)[0]
+    b = collate([seqs[i] for i in batch], device)
+    lm.to(device).train()
+    t0 = time.monotonic()
+    for _ in range(2):
+        lm(**b).loss.backward()
+    per_step = (time.monotonic() - t0) / 2 * 1.15  # + optimizer step and logging
+    lm.zero_grad(set_to_none=True)
+    return max(5, int(seconds / per_step))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Synthesize data, train and evaluate every method from SmolLM2-135M, write report.md and results.json."""
+    from mdus import evaluate as E
+    from mdus import train as T
+    from mdus.data.readers import read_manifest
+    from mdus.data.synth import synthesize
+    from mdus.models import load_base
+    from mdus.speech import KMeansTokenizer
+
+    t_start = time.monotonic()
+    budget_s = args.budget_minutes * 60
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(args.seed)
+
+    print(f"[1/5] data -> {out / 'data'}")
+    manifests = synthesize(out / "data", n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test, seed=args.seed)
+
+    print(f"[2/5] tokenizer: {args.units} log-mel k-means units at {args.frame_rate} Hz")
+    from mdus.data.audio import AudioStream
+
+    tok_dir = out / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        tokenizer = KMeansTokenizer.load(tok_dir)
+    else:
+        waves = [w for _, w in AudioStream(read_manifest(manifests["train"]))]
+        tokenizer = KMeansTokenizer(args.units, frame_rate=args.frame_rate, seed=args.seed).fit(waves)
+        tokenizer.save(tok_dir)
+    _, text_tok = load_base(args.model)
+    _, train_seqs = _sequences(manifests["train"], tokenizer, text_tok, True)
+    _, dev_seqs = _sequences(manifests["dev"], tokenizer, text_tok, True)
+    test_items, _ = _sequences(manifests["test"], tokenizer, text_tok, True)
+    # Held-out text for degradation: the test transcripts' sentences (never trained on) as plain text.
+    held_texts = [torch.tensor(text_tok(u.text, add_special_tokens=False).input_ids) for u, _, _ in test_items]
+    prompts = [t[: max(2, t.numel() // 2)] for t in held_texts[:10]]
+
+    remaining = budget_s - (time.monotonic() - t_start)
+    per_method = remaining / len(args.methods)
+    results, lora_target = {}, None
+    base_ref, _ = load_base(args.model, device=device)
+    for i, method in enumerate(args.methods):
+        print(f"[3/5] {method} ({i + 1}/{len(args.methods)}): {per_method / 60:.1f} min for training + evaluation")
+        base, _ = load_base(args.model, device=device)
+        torch.manual_seed(args.seed)
+        if method == "lora" and lora_target is None:  # match the up-scaled model even if it is not in the run
+            lora_target = _count(T.build_method(load_base(args.model)[0], "dus-transformer",
+                                                speech_vocab_size=tokenizer.vocab_size))
+        lm = T.build_method(base, method, speech_vocab_size=tokenizer.vocab_size,
+                            route=args.route if method.startswith("dus") else "all", lora_params=lora_target)
+        if method == "dus-transformer":
+            lora_target = _count(lm)
+        cfg = T.TrainConfig(lr=_lr(method, args.lr), max_tokens=args.max_tokens, warmup_steps=10, seed=args.seed,
+                            eval_every=0, save_every=50)
+        cfg.max_steps = _calibrated_steps(lm, train_seqs, cfg, device, per_method * 0.75)
+        cfg.warmup_steps = max(1, min(cfg.warmup_steps, cfg.max_steps // 10))
+        cfg.eval_every = max(1, cfg.max_steps // 4)
+        summary = T.train(lm, train_seqs, dev_seqs, cfg, out / method, device=device)
+        print(f"[4/5] {method}: evaluating")
+        refs = [u.text for u, _, _ in test_items]
+        hyps = E.transcribe(lm, [units.to(device) + lm.text_vocab_size for _, units, _ in test_items], text_tok,
+                            max_new_tokens=48)
+        rates = E.error_rates(refs, hyps)
+        deg = E.text_degradation(lm, base_ref, [t.to(device) for t in held_texts],
+                                 continuation_prompts=[p.to(device) for p in prompts])
+        results[method] = {"wer": rates["wer"], "cer": rates["cer"], "text_ppl": deg["text_ppl"],
+                           "text_ppl_base": deg["text_ppl_base"], "text_kl": deg["text_kl"],
+                           "greedy_agreement": deg.get("greedy_agreement"), "trainable_params": _count(lm),
+                           "steps": summary["step"], "train_seconds": summary["elapsed_s"],
+                           "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps, strict=True))[:5]]}
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        del lm, base
+    print("[5/5] report")
+    write_report(out, results, args)
+    print(f"done in {(time.monotonic() - t_start) / 60:.1f} min: {out / 'report.md'}")
+    return 0
+
+
+def _count(lm) -> int:
+    from mdus.upscale import count_trainable
+
+    return count_trainable(lm)
+
+
+def write_report(out: Path, results: dict, args) -> None:
+    rows = ["| method | trainable params | WER | CER | text ppl (base) | KL(base‖model) | greedy agreement | steps |",
+            "|---|---|---|---|---|---|---|---|"]
+    for m, r in results.items():
+        agree = "" if r.get("greedy_agreement") is None else f"{r['greedy_agreement']:.2f}"
+        rows.append(f"| {m} | {r['trainable_params']:,} | {r['wer']:.3f} | {r['cer']:.3f} | {r['text_ppl']:.2f} "
+                    f"({r['text_ppl_base']:.2f}) | {r['text_kl']:.4f} | {agree} | {r['steps']} |")
+    plots = _plots(out, results)
+    lines = ["# mdus demo report", "",
+             f"Command: `mdus demo --out {out} --budget-minutes {args.budget_minutes}` (units {args.units} at "
+             f"{args.frame_rate} Hz, {args.n_train} training utterances, route {args.route}).", "", *rows, ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    lines += ["", "Examples (test split, first utterances):", ""]
+    for m, r in results.items():
+        for ex in r["examples"][:2]:
+            lines.append(f"- {m}: ref `{ex['ref']}` / hyp `{ex['hyp']}`")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _plots(out: Path, results: dict) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is missing: report.md has no plots")
+        return []
+    paths = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in results:
+        log = out / m / "metrics.jsonl"
+        if log.is_file():
+            pts = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+            ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], label=m)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (transcript tokens)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "loss_curves.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    names = list(results)
+    for key, label, log in (("wer", "WER (test)", False), ("text_kl", "KL(base ‖ model) on held-out text", False),
+                            ("trainable_params", "trainable parameters", True)):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        vals = [results[m][key] for m in names]
+        ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
+        ax.set_ylabel(label)
+        if log and all(v > 0 for v in vals):
+            ax.set_yscale("log")
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.3g}" if not math.isnan(v) else "nan", ha="center", va="bottom", fontsize=8)
+        fig.tight_layout()
+        paths.append(out / f"{key}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
