@@ -92,8 +92,8 @@ def mdus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
             raise ValueError(f"attn_implementation='mdus' expects a 2-D padding mask, got shape "
                              f"{tuple(attention_mask.shape)}")
         mask_k = attention_mask[:, -sk:].bool()
-        k_flat, _, cu_k, max_k = _unpad(k, mask_k)
-        v_flat = v.reshape(-1, *v.shape[2:])[torch.nonzero(mask_k.reshape(-1)).flatten()]
+        k_flat, index_k, cu_k, max_k = _unpad(k, mask_k)
+        v_flat = v.reshape(-1, *v.shape[2:])[index_k]
         q_flat, index_q, cu_q, max_q = _unpad(q, mask_k[:, -sq:])
         out_flat = mdus_kernels.attention(q_flat, k_flat, v_flat, cu_seqlens=(cu_q, cu_k), max_seqlen=(max_q, max_k),
                                           **run)
