@@ -56,7 +56,9 @@ if want build; then
 fi
 if want tests; then
     # The GPU image lacks the pure-Python test dependencies and has no network: they travel as wheels made here
-    # with `pip download -d .gpu_wheels hypothesis sortedcontainers attrs expecttest` (carried, not committed).
+    # with `pip download -d .gpu_wheels hypothesis sortedcontainers attrs expecttest jiwer rapidfuzz soundfile gguf
+    # --only-binary=:all:` (carried, not committed; keep it under the 64 MiB carry limit). Tests whose optional
+    # pieces are still missing there (espeak-ng, the embedded SmolLM2 package) skip with the reason.
     if [ -d .gpu_wheels ]; then
         python -m pip install -q --no-index --no-deps .gpu_wheels/*.whl 2>&1 | tee -a "$OUT/env.log"
     fi
