@@ -142,7 +142,7 @@ def timeit(fn: Callable[[], object], *, device: torch.device | str, warmup: int 
       ``rep`` are its **millisecond** budgets (default 25 and 100).
     * CPU: ``warmup`` calls (default 2; just one when a call is slow), then up to ``rep`` individually timed calls
       (default 20), ``rep`` lowered so that the timed calls take about ``budget_s`` at most. A call slower than
-      ``budget_s`` is timed once, so its p20/p50/p80 coincide: the budget keeps a default CPU run near 10 minutes.
+      ``budget_s`` is timed once, so its p20/p50/p80 coincide: the budget bounds a default CPU run's length.
     """
     device = torch.device(device)
     if device.type == "cuda":

@@ -196,7 +196,7 @@ def run_case(mask, seqlen, tokens, d, heads, dtype, device, timing, base, modes)
                         t = C.timeit(step, device=device, **timing)
                     flops = fwd_flops
                 else:
-                    step = lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), dout)  # noqa: E731
+                    step = lambda fn=fn, dout=dout: torch.autograd.grad(fn(), (q, k, v), dout)  # noqa: E731
                     t = C.timeit(step, device=device, **timing)
                     flops = 3.5 * fwd_flops
                 rows.append(dict(common, mode=mode, ms_p20=t["p20"], ms_p50=t["p50"], ms_p80=t["p80"],
