@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mdus import bench, demo
+from mdus import bench, demo, train
 from mdus.data import cli as data_cli
 
 COMMANDS = {
     "data": (data_cli.add_arguments, data_cli.run),
+    "train": (train.add_arguments, train.run),
     "demo": (demo.add_arguments, demo.run),
     "bench": (bench.add_arguments, bench.run),
 }

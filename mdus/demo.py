@@ -55,25 +55,6 @@ def _lr(method: str, override: float | None) -> float:
     return {"full-ft": 1e-4, "lora": 1e-3}.get(method, 1e-3)
 
 
-def _sequences(manifest, tokenizer, text_tok, progress: bool):
-    from tqdm.auto import tqdm
-
-    from mdus.data.audio import AudioStream
-    from mdus.data.readers import read_manifest
-    from mdus.train import make_sequence
-
-    stream = AudioStream(read_manifest(manifest))
-    items = []
-    for utt, wave in tqdm(stream, desc=f"units {Path(manifest).stem}", disable=not progress):
-        units = tokenizer.encode(wave)
-        text = torch.tensor(text_tok(" " + utt.text.strip(), add_special_tokens=False).input_ids)
-        items.append((utt, units, text))
-    if stream.n_skipped:
-        print(stream.summary())
-    seqs = [make_sequence(u, t, len(text_tok), text_tok.eos_token_id) for _, u, t in items]
-    return items, seqs
-
-
 def _calibrated_steps(lm, seqs, cfg, device, seconds: float) -> int:
     """How many steps fit in ``seconds``: times two forward+backward passes on a typical batch (no update)."""
     from mdus.train import collate, epoch_batches
@@ -119,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = KMeansTokenizer(args.units, frame_rate=args.frame_rate, seed=args.seed).fit(waves)
         tokenizer.save(tok_dir)
     _, text_tok = load_base(args.model)
-    _, train_seqs = _sequences(manifests["train"], tokenizer, text_tok, True)
-    _, dev_seqs = _sequences(manifests["dev"], tokenizer, text_tok, True)
-    test_items, _ = _sequences(manifests["test"], tokenizer, text_tok, True)
+    _, train_seqs = T.sequences_from_manifest(manifests["train"], tokenizer, text_tok)
+    _, dev_seqs = T.sequences_from_manifest(manifests["dev"], tokenizer, text_tok)
+    test_items, _ = T.sequences_from_manifest(manifests["test"], tokenizer, text_tok)
     # Held-out text for degradation: the test transcripts' sentences (never trained on) as plain text.
     held_texts = [torch.tensor(text_tok(u.text, add_special_tokens=False).input_ids) for u, _, _ in test_items]
     prompts = [t[: max(2, t.numel() // 2)] for t in held_texts[:10]]

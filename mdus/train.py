@@ -291,3 +291,92 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
                 break
     bar.close()
     return {"status": status, **state, "last": last, "checkpoint": str(ckpt_path), "metrics": str(metrics_path)}
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progress: bool = True):
+    """``[(utterance, units, text ids)]`` and the training sequences of a manifest's utterances (bad audio is
+    skipped, counted and reported)."""
+    from tqdm.auto import tqdm
+
+    from mdus.data.audio import AudioStream
+    from mdus.data.readers import read_manifest
+
+    stream = AudioStream(read_manifest(manifest))
+    items = []
+    for utt, wave in tqdm(stream, desc=f"units {Path(manifest).stem}", disable=not progress):
+        units = speech_tokenizer.encode(wave)
+        text = torch.tensor(text_tokenizer(" " + utt.text.strip(), add_special_tokens=False).input_ids)
+        items.append((utt, units, text))
+    if stream.n_skipped:
+        print(stream.summary())
+    seqs = [make_sequence(u, t, len(text_tokenizer), text_tokenizer.eos_token_id) for _, u, t in items]
+    return items, seqs
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", type=Path, required=True, help="corpus folder with train.jsonl and dev.jsonl")
+    p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint.pt, metrics.jsonl, ...)")
+    p.add_argument("--method", default="dus-ebranchformer", choices=METHODS)
+    p.add_argument("--route", default="all", choices=["all", "speech_only"])
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="speech tokenizer folder; fit on the training audio and saved there when absent "
+                        "(default OUT/tokenizer)")
+    p.add_argument("--units", type=int, default=200)
+    p.add_argument("--frame-rate", type=float, default=25.0)
+    p.add_argument("--lora-params", type=int, default=None, help="lora: match this trainable-parameter count")
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--budget-minutes", type=float, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit-exactly")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run(args) -> int:
+    """Train one method on a corpus (speech units -> transcript); --resume continues a stopped run exactly."""
+    from mdus.models import load_base
+    from mdus.speech import KMeansTokenizer
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    manifests = {s: args.data / f"{s}.jsonl" for s in ("train", "dev")}
+    if not manifests["train"].is_file():
+        print(f"mdus train: no {manifests['train']} (make one with `mdus data synth --out {args.data}`)")
+        return 2
+    tok_dir = args.tokenizer or args.out / "tokenizer"
+    if (tok_dir / "tokenizer.json").is_file():
+        speech_tok = KMeansTokenizer.load(tok_dir)
+    else:
+        if args.resume:
+            print(f"mdus train --resume: the run's speech tokenizer {tok_dir} is missing")
+            return 2
+        from mdus.data.audio import AudioStream
+        from mdus.data.readers import read_manifest
+
+        waves = [w for _, w in AudioStream(read_manifest(manifests["train"]))]
+        speech_tok = KMeansTokenizer(args.units, frame_rate=args.frame_rate, seed=args.seed).fit(waves)
+        speech_tok.save(tok_dir)
+    base, text_tok = load_base(args.model, device=device)
+    progress = not args.no_progress
+    _, train_seqs = sequences_from_manifest(manifests["train"], speech_tok, text_tok, progress=progress)
+    dev_seqs = (sequences_from_manifest(manifests["dev"], speech_tok, text_tok, progress=progress)[1]
+                if manifests["dev"].is_file() else [])
+    torch.manual_seed(args.seed)
+    lm = build_method(base, args.method, speech_vocab_size=speech_tok.vocab_size, route=args.route,
+                      lora_params=args.lora_params)
+    cfg = TrainConfig(lr=args.lr, max_steps=args.max_steps, max_tokens=args.max_tokens, grad_accum=args.grad_accum,
+                      eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
+                      budget_minutes=args.budget_minutes, progress=progress,
+                      warmup_steps=max(1, min(20, args.max_steps // 10)))
+    summary = train(lm, train_seqs, dev_seqs, cfg, args.out, resume=args.resume, device=device)
+    lm.save_trainable(args.out / "trainable.safetensors")
+    print(json.dumps({k: v for k, v in summary.items() if k != "last"}), json.dumps(summary["last"]))
+    return 0 if summary["status"] in ("done", "budget") else 130
