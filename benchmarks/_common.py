@@ -346,7 +346,8 @@ def plot(rows: Sequence[dict], path: str | os.PathLike, *, x: str, y: str, serie
          hline_label: str = "") -> Path | None:
     """Draws ``y`` against ``x`` with one line per ``series`` value, one subplot per (``panel_row``, ``panel_col``).
 
-    Rows whose ``y`` is missing or NaN are skipped. Returns the PNG path, or None when matplotlib is missing.
+    Rows whose ``y`` is missing or NaN are skipped. Prints and returns the PNG path, or None when matplotlib is
+    missing.
     """
     try:
         import matplotlib
@@ -402,7 +403,25 @@ def plot(rows: Sequence[dict], path: str | os.PathLike, *, x: str, y: str, serie
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    print(f"plot: {path}")
     return path
+
+
+def add_plot_only_arguments(p) -> None:
+    """``--plot-only``, ``--csv`` and ``--run-id``: redraw a benchmark's PNG from a CSV without timing anything."""
+    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the CSV's latest run, no timing")
+    p.add_argument("--csv", type=Path, help="with --plot-only: the CSV to plot (default <out>/<device_tag>.csv), "
+                   "e.g. one written on a GPU machine")
+    p.add_argument("--run-id", help="with --plot-only: the run to draw (its run_id column; default the latest)")
+
+
+def plot_only(args, op: str, plot_rows: Callable) -> None:
+    """The ``--plot-only`` path: ``plot_rows(rows, out, tag)`` on one run (``--run-id``, default the latest) of
+    ``op``'s rows in ``--csv`` (default ``<out>/<device_tag>.csv``)."""
+    csv_path = args.csv or args.out / f"{device_tag(resolve_device(args.device))}.csv"
+    rows = [r for r in read_rows(csv_path) if r.get("op") == op]
+    run = args.run_id or max((r["run_id"] for r in rows), default=None)
+    plot_rows([r for r in rows if r["run_id"] == run], args.out, csv_path.stem)
 
 
 # ----------------------------------------------------------------------------------------------------- tables

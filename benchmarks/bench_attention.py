@@ -228,11 +228,9 @@ def plot_rows(rows, out: Path, tag: str) -> None:
     ok = [r for r in rows if r.get("status") == "ok"]
     for d in sorted({r["D"] for r in ok}):
         sub = [r for r in ok if r["D"] == d]
-        path = C.plot(sub, out / f"{OP}_d{d}_{tag}.png", x="seqlen", y="TFLOP/s", series="impl", panel_row="mode",
+        C.plot(sub, out / f"{OP}_d{d}_{tag}.png", x="seqlen", y="TFLOP/s", series="impl", panel_row="mode",
                       panel_col="mask", title=f"{OP}: TFLOP/s, head dim {d}, {sub[0]['tokens']} tokens per case, "
                       f"{sub[0]['dtype']}, {sub[0]['device']}")
-        if path:
-            print(f"plot: {path}")
 
 
 def main(argv=None) -> int:

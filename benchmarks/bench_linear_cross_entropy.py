@@ -113,13 +113,11 @@ def plot_rows(rows, out: Path, tag: str) -> None:
     if not rows:
         return
     for metric in ("time_vs_eager", "mem_vs_eager"):
-        path = C.plot(rows, out / f"{OP}_{metric}_{tag}.png", x="V", y=metric, series=["impl", "d"],
+        C.plot(rows, out / f"{OP}_{metric}_{tag}.png", x="V", y=metric, series=["impl", "d"],
                       panel_col="head", title=f"{OP}: {metric} (fwd+bwd, N={rows[0]['tokens']}, "
                       f"{rows[0]['dtype']}, {rows[0]['device']})", hline=1.0 if metric == "time_vs_eager" else 0.25,
                       hline_label="eager" if metric == "time_vs_eager" else "target 0.25x", ylabel=metric,
                       logx=False)
-        if path:
-            print(f"plot: {path}")
 
 
 def main(argv=None) -> int:

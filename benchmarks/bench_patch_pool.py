@@ -336,12 +336,10 @@ def plot_rows(rows: list[dict], out: Path, tag: str) -> None:
     mean_len = min(r["mean_len"] for r in rows)
     rows = [r for r in rows if r["mean_len"] == mean_len]
     roof = rows[0].get("copy_roofline_GB/s")
-    path = C.plot(rows, out / f"{OP}_{tag}.png", x="tokens", y="GB/s", series="impl", panel_row="mode",
+    C.plot(rows, out / f"{OP}_{tag}.png", x="tokens", y="GB/s", series="impl", panel_row="mode",
                   panel_col="D", title=f"patch_pool mean, {rows[0]['dtype']}, mean patch length {mean_len} "
                   f"({rows[0]['device']})", hline=roof if isinstance(roof, float) else None,
                   hline_label="copy roofline", ylabel="GB/s (p50)", logy=True)
-    if path:
-        print(f"plot: {path}")
 
 
 def parse_args(argv=None):
@@ -355,20 +353,14 @@ def parse_args(argv=None):
     p.add_argument("--impls", nargs="+", help="subset of implementations (default: all for the device)")
     p.add_argument("--out", type=Path, default=C.DEFAULT_OUT, help="folder for <device_tag>.csv and the PNG")
     p.add_argument("--quick", action="store_true", help="one tiny case per implementation (smoke test)")
-    p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the CSV's latest run, no timing")
-    p.add_argument("--csv", type=Path, help="with --plot-only: the CSV to plot (default <out>/<device_tag>.csv), "
-                   "e.g. one written on a GPU machine")
-    p.add_argument("--run-id", help="with --plot-only: the run to draw (its run_id column; default the latest)")
+    C.add_plot_only_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.plot_only:
-        csv_path = args.csv or args.out / f"{C.device_tag(C.resolve_device(args.device))}.csv"
-        rows = [r for r in C.read_rows(csv_path) if r.get("op") == OP]
-        run = args.run_id or max((r["run_id"] for r in rows), default=None)
-        plot_rows([r for r in rows if r["run_id"] == run], args.out, csv_path.stem)
+        C.plot_only(args, OP, plot_rows)
         return 0
     device = C.resolve_device(args.device)
     tag = C.device_tag(device)
