@@ -57,6 +57,18 @@ if triton is not None:
         return bos_q, eos_q - bos_q, bos_k, eos_k - bos_k, prefix
 
     @triton.jit
+    def _load_tile(p, rows, s_t, o_d, m_rows, m_d, UPCAST: tl.constexpr, TRANSPOSED: tl.constexpr):
+        """One head's (rows, D) tile of a (tokens, heads, D) tensor, ``p`` pointing at the head; 0 outside the
+        masks; (D, rows) with TRANSPOSED; fp32 with UPCAST (the interpreter's bf16 dot is wrong)."""
+        if TRANSPOSED:
+            b = tl.load(p + rows[None, :] * s_t + o_d[:, None], mask=m_rows[None, :] & m_d[:, None], other=0.0)
+        else:
+            b = tl.load(p + rows[:, None] * s_t + o_d[None, :], mask=m_rows[:, None] & m_d[None, :], other=0.0)
+        if UPCAST:
+            b = b.to(tl.float32)
+        return b
+
+    @triton.jit
     def _visible(o_m, o_n, lk, off, prefix, CAUSAL: tl.constexpr):
         # (rows, cols) of the spec's mask: key in range and, when causal, on or below the bottom-right diagonal
         # or inside the prefix.
@@ -71,13 +83,8 @@ if triton is not None:
                    PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < lk
-        b_kt = tl.load(p_k + (bos_k + o_n)[None, :] * s_kt + o_d[:, None], mask=m_n[None, :] & m_d[:, None],
-                       other=0.0)
-        b_v = tl.load(p_v + (bos_k + o_n)[:, None] * s_vt + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
-                      other=0.0)
-        if UPCAST:
-            b_kt = b_kt.to(tl.float32)
-            b_v = b_v.to(tl.float32)
+        b_kt = _load_tile(p_k, bos_k + o_n, s_kt, o_d, m_n, m_d, UPCAST, True)
+        b_v = _load_tile(p_v, bos_k + o_n, s_vt, o_d, m_n, m_d, UPCAST, False)
         b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * scale_log2
         if MASKED:
             b_s = tl.where(_visible(o_m, o_n, lk, off, prefix, CAUSAL), b_s, float("-inf"))
@@ -124,10 +131,7 @@ if triton is not None:
         m_m = o_m < lq
         o_d = tl.arange(0, BLOCK_D)
         m_d = o_d < D
-        b_q = tl.load(p_q + (bos_q + o_m)[:, None] * s_qt + i_h * s_qh + o_d[None, :],
-                      mask=m_m[:, None] & m_d[None, :], other=0.0)
-        if UPCAST:
-            b_q = b_q.to(tl.float32)
+        b_q = _load_tile(p_q + i_h * s_qh, bos_q + o_m, s_qt, o_d, m_m, m_d, UPCAST, False)
         p_kh = p_k + i_hk * s_kh
         p_vh = p_v + i_hk * s_vh
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -179,13 +183,9 @@ if triton is not None:
                     MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
         o_m = m0 + tl.arange(0, BLOCK_M)
         m_m = o_m < lq
-        m_md = m_m[:, None] & m_d[None, :]
         # Rows past the sequence load q = dout = 0, so they add nothing to dK and dV even unmasked.
-        b_q = tl.load(p_q + (bos_q + o_m)[:, None] * s_qt + i_h * s_qh + o_d[None, :], mask=m_md, other=0.0)
-        b_do = tl.load(p_do + (bos_q + o_m)[:, None] * s_dot + i_h * s_doh + o_d[None, :], mask=m_md, other=0.0)
-        if UPCAST:
-            b_q = b_q.to(tl.float32)
-            b_do = b_do.to(tl.float32)
+        b_q = _load_tile(p_q + i_h * s_qh, bos_q + o_m, s_qt, o_d, m_m, m_d, UPCAST, False)
+        b_do = _load_tile(p_do + i_h * s_doh, bos_q + o_m, s_dot, o_d, m_m, m_d, UPCAST, False)
         b_lse, b_delta = _load_row_stats(p_lse, p_delta, i_h, total_q, bos_q, o_m, m_m)
         # Work on the transposed scores (keys x rows) so that dK and dV come out of plain dots.
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * scale_log2
@@ -218,11 +218,8 @@ if triton is not None:
         o_d = tl.arange(0, BLOCK_D)
         m_d = o_d < D
         m_nd = m_n[:, None] & m_d[None, :]
-        b_k = tl.load(p_k + (bos_k + o_n)[:, None] * s_kt + i_hk * s_kh + o_d[None, :], mask=m_nd, other=0.0)
-        b_v = tl.load(p_v + (bos_k + o_n)[:, None] * s_vt + i_hk * s_vh + o_d[None, :], mask=m_nd, other=0.0)
-        if UPCAST:
-            b_k = b_k.to(tl.float32)
-            b_v = b_v.to(tl.float32)
+        b_k = _load_tile(p_k + i_hk * s_kh, bos_k + o_n, s_kt, o_d, m_n, m_d, UPCAST, False)
+        b_v = _load_tile(p_v + i_hk * s_vh, bos_k + o_n, s_vt, o_d, m_n, m_d, UPCAST, False)
         # Rows that see any key of this block start at q_start; rows from q_full on see all of them.
         if CAUSAL:
             if n0 < prefix:
@@ -262,13 +259,8 @@ if triton is not None:
                   PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m_n = o_n < lk
-        b_kt = tl.load(p_k + (bos_k + o_n)[None, :] * s_kt + o_d[:, None], mask=m_n[None, :] & m_d[:, None],
-                       other=0.0)
-        b_vt = tl.load(p_v + (bos_k + o_n)[None, :] * s_vt + o_d[:, None], mask=m_n[None, :] & m_d[:, None],
-                       other=0.0)
-        if UPCAST:
-            b_kt = b_kt.to(tl.float32)
-            b_vt = b_vt.to(tl.float32)
+        b_kt = _load_tile(p_k, bos_k + o_n, s_kt, o_d, m_n, m_d, UPCAST, True)
+        b_vt = _load_tile(p_v, bos_k + o_n, s_vt, o_d, m_n, m_d, UPCAST, True)
         b_s = tl.dot(b_q, b_kt, input_precision=PRECISION) * scale_log2
         b_p = tl.math.exp2(b_s - b_lse[:, None])
         if MASKED:
@@ -299,11 +291,8 @@ if triton is not None:
         o_d = tl.arange(0, BLOCK_D)
         m_d = o_d < D
         m_md = m_m[:, None] & m_d[None, :]
-        b_q = tl.load(p_q + (bos_q + o_m)[:, None] * s_qt + i_h * s_qh + o_d[None, :], mask=m_md, other=0.0)
-        b_do = tl.load(p_do + (bos_q + o_m)[:, None] * s_dot + i_h * s_doh + o_d[None, :], mask=m_md, other=0.0)
-        if UPCAST:
-            b_q = b_q.to(tl.float32)
-            b_do = b_do.to(tl.float32)
+        b_q = _load_tile(p_q + i_h * s_qh, bos_q + o_m, s_qt, o_d, m_m, m_d, UPCAST, False)
+        b_do = _load_tile(p_do + i_h * s_doh, bos_q + o_m, s_dot, o_d, m_m, m_d, UPCAST, False)
         b_lse, b_delta = _load_row_stats(p_lse, p_delta, i_h, total_q, bos_q, o_m, m_m)
         p_kh = p_k + i_hk * s_kh
         p_vh = p_v + i_hk * s_vh
