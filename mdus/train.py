@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import mdus
-from mdus.upscale import SpeechLM
+from mdus.upscale import IGNORE, SpeechLM
 
 METHODS = ("dus-transformer", "dus-ebranchformer", "full-ft", "lora")
 
@@ -197,19 +197,14 @@ def evaluate_loss(lm: SpeechLM, seqs, cfg: TrainConfig, device) -> float:
     lengths = [s.shape[0] for s, _ in seqs]
     for batch in pack(lengths, range(len(seqs)), cfg.max_tokens):
         b = collate([seqs[i] for i in batch], device)
-        n = int(_targets_count(b))
+        # Weight by the targets the loss averages over: the same ones SpeechLM's own target builder makes.
+        targets = SpeechLM._targets(b["input_ids"][None], None, b["loss_mask"], None, b["cu_seqlens"])
+        n = int((targets != IGNORE).sum())
         if n:
             total += float(lm(**b).loss) * n
             count += n
     lm.train(was_training)
     return total / max(count, 1)
-
-
-def _targets_count(batch) -> int:
-    # Targets are the masked tokens that are not the first of their sequence (nothing predicts those).
-    mask = batch["loss_mask"].clone()
-    mask[batch["cu_seqlens"][:-1].long()] = False
-    return int(mask.sum())
 
 
 def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
