@@ -72,6 +72,12 @@ def mdus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
     if kwargs.get("output_attentions"):
         raise NotImplementedError("attn_implementation='mdus' never forms the attention weights; use 'eager' to "
                                   "get output_attentions")
+    if not query.dtype == key.dtype == value.dtype:
+        # Under autocast the rotary embedding hands back fp32 q/k while v comes from a low-precision projection: run
+        # the kernel in the autocast dtype (as transformers' flash-attention path does).
+        device_type = query.device.type
+        target = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else value.dtype)
+        query, key, value = query.to(target), key.to(target), value.to(target)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views
     batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]

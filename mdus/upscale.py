@@ -250,8 +250,11 @@ class SpeechLM(nn.Module):
         loss = None
         targets = self._targets(ids, labels, loss_mask, attention_mask, cu_seqlens)
         if targets is not None:
-            loss = mdus_kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.output_weights(),
-                                                     targets.reshape(-1), ignore_index=IGNORE)
+            # Only the rows with a target enter the loss (in ASR training the speech rows have none, and they are
+            # most of the tokens): the head GEMMs then cost what the targets need. The mean is unchanged.
+            rows = torch.nonzero(targets.reshape(-1) != IGNORE).squeeze(1)
+            loss = mdus_kernels.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1])[rows], self.output_weights(),
+                                                     targets.reshape(-1)[rows], ignore_index=IGNORE)
         logits = None
         if return_logits or (return_logits is None and targets is None):
             logits = F.linear(hidden, torch.cat(self.output_weights()))
