@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mdus import bench, demo, train
+from mdus import bench, demo, evaluate, train
 from mdus.data import cli as data_cli
 
 COMMANDS = {
     "data": (data_cli.add_arguments, data_cli.run),
     "train": (train.add_arguments, train.run),
+    "eval": (evaluate.add_arguments, evaluate.run),
     "demo": (demo.add_arguments, demo.run),
     "bench": (bench.add_arguments, bench.run),
 }

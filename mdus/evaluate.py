@@ -10,12 +10,17 @@ world" match, and "don't" stays one word.
 * the model's distributions are taken over the text vocabulary (its logits renormalized without the speech rows),
   as the base has no speech rows: at initialization an up-scaled model then scores exactly like its base;
 * ``greedy_agreement``: share of greedy continuation tokens on which model and base agree.
+
+``evaluate_model`` runs both on a test split (the numbers ``mdus demo`` reports); ``mdus eval`` (``run``) does so
+for a training run folder written by ``mdus train``, optionally adding lm-eval-harness tasks (``mdus.harness``).
 """
 
 from __future__ import annotations
 
+import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +63,14 @@ def _cache_unsupported(lm) -> bool:
 
 @torch.no_grad()
 def greedy_decode(lm, prompt: torch.Tensor, *, max_new_tokens: int, eos: int | None = None,
-                  allowed_vocab: int | None = None, use_cache: bool | None = None) -> torch.Tensor:
+                  allowed_vocab: int | None = None, use_cache: bool | None = None,
+                  stop: Callable[[list[int]], bool] | None = None) -> torch.Tensor:
     """Greedy continuation of one prompt (1-D ids) by a ``SpeechLM``; returns the new ids (1-D).
 
-    ``allowed_vocab`` restricts the choice to ids below it (the text vocabulary, for ASR output). With a KV cache
-    (the default; impossible only with non-causal blocks) each step runs only the new token.
+    ``allowed_vocab`` restricts the choice to ids below it (the text vocabulary, for ASR output). Decoding ends
+    after ``max_new_tokens`` tokens, at ``eos`` (kept in the output), or when ``stop`` (called with the new ids
+    so far after each token) returns True. With a KV cache (the default; impossible only with non-causal blocks)
+    each step runs only the new token.
     """
     from transformers import DynamicCache
 
@@ -80,7 +88,7 @@ def greedy_decode(lm, prompt: torch.Tensor, *, max_new_tokens: int, eos: int | N
             logits = logits[:allowed_vocab]
         nxt = int(logits.argmax())
         out_ids.append(nxt)
-        if eos is not None and nxt == eos:
+        if (eos is not None and nxt == eos) or (stop is not None and stop(out_ids)):
             break
         new = torch.tensor([[nxt]], device=ids.device)
         ids = torch.cat([ids, new], dim=1)
@@ -145,6 +153,155 @@ def text_degradation(lm, base, texts: Sequence[torch.Tensor], *, continuation_pr
 
 @torch.no_grad()
 def _greedy_base(base, prompt: torch.Tensor, n: int) -> torch.Tensor:
-    out = base.generate(prompt.reshape(1, -1), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                        attention_mask=torch.ones(1, prompt.numel(), dtype=torch.long, device=prompt.device))
-    return out[0, prompt.numel():].cpu()
+    """``n`` greedy tokens of a plain transformers causal LM, like ``greedy_decode``: plain argmax steps, never
+    stopping at nor suppressing any token (``generate``'s ``min_new_tokens`` would forbid the base's eos token,
+    which the model's decoding may pick, and so count disagreements at identical distributions)."""
+    from transformers import DynamicCache
+
+    cache, step, out = DynamicCache(), prompt.reshape(1, -1), []
+    for _ in range(n):
+        nxt = int(base(step, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+        out.append(nxt)
+        step = torch.tensor([[nxt]], device=prompt.device)
+    return torch.tensor(out, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------- a whole test split
+
+
+def evaluate_model(lm, base, test_items, text_tokenizer, *, device=None, max_new_tokens: int = 48,
+                   n_continuations: int = 10, progress: bool = True) -> dict:
+    """ASR and text degradation of ``lm`` on a test split, against ``base`` (an untouched copy of its base model).
+
+    ``test_items`` are ``(utterance, units, text ids)`` as ``mdus.train.sequences_from_manifest`` returns them
+    (its first value); ``utterance.text`` is the reference. Steps:
+
+    * ASR: greedy decoding (``transcribe``, at most ``max_new_tokens`` tokens) from each utterance's units placed
+      above the text vocabulary, scored by ``error_rates``;
+    * text degradation (``text_degradation``): the references as plain text (their token ids without special
+      tokens), with the first half (at least 2 tokens) of the first ``n_continuations`` of them as greedy
+      continuation prompts.
+
+    ``device`` defaults to that of ``lm``'s parameters. Returns ``{"wer", "cer", "text_ppl", "text_ppl_base",
+    "text_kl", "greedy_agreement", "examples"}``, ``examples`` being the first five ``{"ref", "hyp"}`` pairs and
+    ``greedy_agreement`` None when ``n_continuations`` is 0.
+    """
+    if not test_items:
+        raise ValueError("evaluate_model needs at least one test item")
+    device = torch.device(device) if device is not None else next(lm.parameters()).device
+    refs = [utt.text for utt, _, _ in test_items]
+    hyps = transcribe(lm, [units.to(device) + lm.text_vocab_size for _, units, _ in test_items], text_tokenizer,
+                      max_new_tokens=max_new_tokens, progress=progress)
+    rates = error_rates(refs, hyps)
+    # Held-out text for degradation: the test transcripts (never trained on) as plain text.
+    held = [torch.tensor(text_tokenizer(r, add_special_tokens=False).input_ids, dtype=torch.long) for r in refs]
+    prompts = [t[: max(2, t.numel() // 2)] for t in held[:n_continuations]]
+    deg = text_degradation(lm, base, [t.to(device) for t in held], continuation_prompts=[p.to(device) for p in prompts])
+    return {"wer": rates["wer"], "cer": rates["cer"], "text_ppl": deg["text_ppl"],
+            "text_ppl_base": deg["text_ppl_base"], "text_kl": deg["text_kl"],
+            "greedy_agreement": deg.get("greedy_agreement"),
+            "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps, strict=True))[:5]]}
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--run", type=Path, default=None,
+                   help="training run folder (what `mdus train --out RUN` wrote)")
+    p.add_argument("--weights", type=Path, default=None, help="trained tensors (default RUN/trainable.safetensors)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="speech tokenizer folder (default RUN/tokenizer)")
+    p.add_argument("--data", type=Path, required=True, help="corpus folder with <split>.jsonl")
+    p.add_argument("--split", default="test", help="manifest to evaluate on: DATA/<split>.jsonl (default test)")
+    p.add_argument("--model", default=None,
+                   help="base model the run was trained from (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="longest transcript decoded (tokens)")
+    p.add_argument("--out", type=Path, default=None, help="also write the metrics JSON to this file")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="comma-separated lm-eval-harness tasks to run on the text side (needs lm-eval)")
+    p.add_argument("--lm-eval-limit", type=float, default=None, metavar="N",
+                   help="examples per lm-eval task (a fraction of them when below 1)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _paths(args) -> tuple[Path, Path, Path] | str:
+    """(weights, speech tokenizer folder, manifest) of the command line, or a one-line error naming the argument."""
+    if args.run is not None and not args.run.is_dir():
+        return f"--run {args.run} is not a folder (give the folder `mdus train --out` wrote)"
+    if args.run is None and (args.weights is None or args.tokenizer is None):
+        return "give --run (a `mdus train` run folder), or both --weights and --tokenizer"
+    weights = args.weights or args.run / "trainable.safetensors"
+    if not weights.is_file():
+        return f"--weights {weights} does not exist (`mdus train` writes RUN/trainable.safetensors when it ends)"
+    tok_dir = args.tokenizer or args.run / "tokenizer"
+    if not (tok_dir / "tokenizer.json").is_file():
+        return f"--tokenizer {tok_dir} holds no speech tokenizer (no tokenizer.json)"
+    manifest = args.data / f"{args.split}.jsonl"
+    if not manifest.is_file():
+        return f"--data/--split: no manifest {manifest}"
+    return weights, tok_dir, manifest
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _json_default(obj):
+    # lm-eval results may hold numpy scalars.
+    return obj.item() if hasattr(obj, "item") else str(obj)
+
+
+def run(args) -> int:
+    """Evaluate a trained run: ASR WER/CER and text degradation on a split (optionally lm-eval-harness tasks)."""
+    import mdus
+    from mdus.models import load_base
+    from mdus.speech import load_tokenizer
+    from mdus.train import sequences_from_manifest
+
+    paths = _paths(args)
+    if isinstance(paths, str):
+        print(f"mdus eval: {paths}")
+        return 2
+    weights, tok_dir, manifest = paths
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    progress = not args.no_progress
+    try:
+        speech_tok = load_tokenizer(tok_dir, device=device)
+    except ValueError as exc:
+        print(f"mdus eval: --tokenizer {tok_dir}: {_first_line(exc)}")
+        return 2
+    try:
+        base, text_tok = load_base(args.model, device=device)
+        base_ref, _ = load_base(args.model, device=device)
+    except OSError as exc:
+        print(f"mdus eval: --model {args.model}: {_first_line(exc)}")
+        return 2
+    try:
+        lm = mdus.load(weights, base)
+    except Exception as exc:  # not an mdus checkpoint, another base model, a broken file
+        print(f"mdus eval: --weights {weights} cannot be loaded onto the base model (--model "
+              f"{args.model or 'default'}): {_first_line(exc)}")
+        return 2
+    lm.to(device).eval()
+    items, _ = sequences_from_manifest(manifest, speech_tok, text_tok, progress=progress)
+    if not items:
+        print(f"mdus eval: --data/--split: {manifest} has no readable utterance")
+        return 2
+    metrics = evaluate_model(lm, base_ref, items, text_tok, device=device, max_new_tokens=args.max_new_tokens,
+                             progress=progress)
+    result = {"weights": str(weights), "manifest": str(manifest), "utterances": len(items), **metrics}
+    if args.lm_eval:
+        from mdus.harness import run_lm_eval
+
+        tasks = [t.strip() for t in args.lm_eval.split(",") if t.strip()]
+        limit = args.lm_eval_limit
+        if limit is not None and limit >= 1:
+            limit = int(limit)
+        result["lm_eval"] = run_lm_eval(lm, text_tok, tasks, limit=limit, device=device)
+    text = json.dumps(result, indent=2, default=_json_default)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
