@@ -38,8 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=600)
     p.add_argument("--n-dev", type=int, default=30)
     p.add_argument("--n-test", type=int, default=40)
+    p.add_argument("--speech-input", default="units", choices=["units", "features"],
+                   help="discrete k-means units, or log-mel features through a trainable conv subsampler")
     p.add_argument("--units", type=int, default=200, help="k-means speech units")
-    p.add_argument("--frame-rate", type=float, default=25.0, help="unit rate in Hz (a divisor of 100)")
+    p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second (a divisor of 100)")
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens per packed batch")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per method)")
     p.add_argument("--route", default="all", choices=["all", "speech_only"], help="for the dus methods")
@@ -59,7 +61,7 @@ def _calibrated_steps(lm, seqs, cfg, device, seconds: float) -> int:
     """How many steps fit in ``seconds``: times two forward+backward passes on a typical batch (no update)."""
     from mdus.train import collate, epoch_batches
 
-    batch = epoch_batches([s.shape[0] for s, _ in seqs], 0, cfg)[0]
+    batch = epoch_batches([s[0].shape[0] for s in seqs], 0, cfg)[0]
     b = collate([seqs[i] for i in batch], device)
     lm.to(device).train()
     t0 = time.monotonic()
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from mdus.data.readers import read_manifest
     from mdus.data.synth import synthesize
     from mdus.models import load_base
-    from mdus.speech import KMeansTokenizer
+    from mdus.speech import load_tokenizer
 
     t_start = time.monotonic()
     budget_s = args.budget_minutes * 60
@@ -89,23 +91,24 @@ def run(args: argparse.Namespace) -> int:
     print(f"[1/5] data -> {out / 'data'}")
     manifests = synthesize(out / "data", n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test, seed=args.seed)
 
-    print(f"[2/5] tokenizer: {args.units} log-mel k-means units at {args.frame_rate} Hz")
+    what = (f"{args.units} log-mel k-means units" if args.speech_input == "units" else "log-mel features") + \
+        f" at {args.frame_rate} Hz"
+    print(f"[2/5] speech input: {what}")
     from mdus.data.audio import AudioStream
 
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
-        tokenizer = KMeansTokenizer.load(tok_dir)
+        tokenizer = load_tokenizer(tok_dir)
     else:
         waves = [w for _, w in AudioStream(read_manifest(manifests["train"]))]
-        tokenizer = KMeansTokenizer(args.units, frame_rate=args.frame_rate, seed=args.seed).fit(waves)
+        tokenizer = T.fit_speech_input(args.speech_input, waves, units=args.units, frame_rate=args.frame_rate,
+                                       seed=args.seed)
         tokenizer.save(tok_dir)
+    encoder = T.speech_encoder_config(tokenizer)
     _, text_tok = load_base(args.model)
     _, train_seqs = T.sequences_from_manifest(manifests["train"], tokenizer, text_tok)
     _, dev_seqs = T.sequences_from_manifest(manifests["dev"], tokenizer, text_tok)
     test_items, _ = T.sequences_from_manifest(manifests["test"], tokenizer, text_tok)
-    # Held-out text for degradation: the test transcripts' sentences (never trained on) as plain text.
-    held_texts = [torch.tensor(text_tok(u.text, add_special_tokens=False).input_ids) for u, _, _ in test_items]
-    prompts = [t[: max(2, t.numel() // 2)] for t in held_texts[:10]]
 
     remaining = budget_s - (time.monotonic() - t_start)
     per_method = remaining / len(args.methods)
@@ -117,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         if method == "lora" and lora_target is None:  # match the up-scaled model even if it is not in the run
             lora_target = _count(T.build_method(load_base(args.model)[0], "dus-transformer",
-                                                speech_vocab_size=tokenizer.vocab_size))
-        lm = T.build_method(base, method, speech_vocab_size=tokenizer.vocab_size,
+                                                speech_vocab_size=tokenizer.vocab_size, speech_encoder=encoder))
+        lm = T.build_method(base, method, speech_vocab_size=tokenizer.vocab_size, speech_encoder=encoder,
                             route=args.route if method.startswith("dus") else "all", lora_params=lora_target)
         if method == "dus-transformer":
             lora_target = _count(lm)
@@ -128,18 +131,11 @@ def run(args: argparse.Namespace) -> int:
         cfg.warmup_steps = max(1, min(cfg.warmup_steps, cfg.max_steps // 10))
         cfg.eval_every = max(1, cfg.max_steps // 4)
         summary = T.train(lm, train_seqs, dev_seqs, cfg, out / method, device=device)
+        lm.save_trainable(out / method / "trainable.safetensors")
         print(f"[4/5] {method}: evaluating")
-        refs = [u.text for u, _, _ in test_items]
-        hyps = E.transcribe(lm, [units.to(device) + lm.text_vocab_size for _, units, _ in test_items], text_tok,
-                            max_new_tokens=48)
-        rates = E.error_rates(refs, hyps)
-        deg = E.text_degradation(lm, base_ref, [t.to(device) for t in held_texts],
-                                 continuation_prompts=[p.to(device) for p in prompts])
-        results[method] = {"wer": rates["wer"], "cer": rates["cer"], "text_ppl": deg["text_ppl"],
-                           "text_ppl_base": deg["text_ppl_base"], "text_kl": deg["text_kl"],
-                           "greedy_agreement": deg.get("greedy_agreement"), "trainable_params": _count(lm),
-                           "steps": summary["step"], "train_seconds": summary["elapsed_s"],
-                           "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps, strict=True))[:5]]}
+        scores = E.evaluate_model(lm, base_ref, test_items, text_tok, device=device)
+        results[method] = {**scores, "trainable_params": _count(lm), "steps": summary["step"],
+                           "train_seconds": summary["elapsed_s"]}
         (out / "results.json").write_text(json.dumps(results, indent=2))
         del lm, base
     print("[5/5] report")

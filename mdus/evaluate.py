@@ -64,13 +64,14 @@ def _cache_unsupported(lm) -> bool:
 @torch.no_grad()
 def greedy_decode(lm, prompt: torch.Tensor, *, max_new_tokens: int, eos: int | None = None,
                   allowed_vocab: int | None = None, use_cache: bool | None = None,
-                  stop: Callable[[list[int]], bool] | None = None) -> torch.Tensor:
+                  stop: Callable[[list[int]], bool] | None = None, **inputs) -> torch.Tensor:
     """Greedy continuation of one prompt (1-D ids) by a ``SpeechLM``; returns the new ids (1-D).
 
     ``allowed_vocab`` restricts the choice to ids below it (the text vocabulary, for ASR output). Decoding ends
     after ``max_new_tokens`` tokens, at ``eos`` (kept in the output), or when ``stop`` (called with the new ids
     so far after each token) returns True. With a KV cache (the default; impossible only with non-causal blocks)
-    each step runs only the new token.
+    each step runs only the new token. ``inputs`` go to every forward that reads the prompt (``speech_features``
+    for a model with continuous speech input).
     """
     from transformers import DynamicCache
 
@@ -83,7 +84,8 @@ def greedy_decode(lm, prompt: torch.Tensor, *, max_new_tokens: int, eos: int | N
     cache = DynamicCache() if use_cache else None
     step_input = ids
     for _ in range(max_new_tokens):
-        logits = lm(step_input, past_key_values=cache, use_cache=use_cache, return_logits=True).logits[0, -1]
+        extra = inputs if step_input.shape[1] == ids.shape[1] else {}  # the step reads the prompt
+        logits = lm(step_input, past_key_values=cache, use_cache=use_cache, return_logits=True, **extra).logits[0, -1]
         if allowed_vocab is not None:
             logits = logits[:allowed_vocab]
         nxt = int(logits.argmax())
@@ -97,16 +99,29 @@ def greedy_decode(lm, prompt: torch.Tensor, *, max_new_tokens: int, eos: int | N
     return torch.tensor(out_ids, dtype=torch.long)
 
 
-def transcribe(lm, speech_prompts: Sequence[torch.Tensor], tokenizer, *, max_new_tokens: int = 64,
+def speech_prompt(lm, speech: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(prompt ids, forward inputs) of one utterance's speech: unit ids (1-D, ``0..K-1``) are placed above the text
+    vocabulary; log-mel features (frames, n_mels) of a model with a speech encoder become its placeholder
+    positions plus ``speech_features``."""
+    if speech.is_floating_point():
+        if getattr(lm, "speech_encoder", None) is None:
+            raise ValueError("speech features given, but the model reads speech units (it has no speech encoder)")
+        n = int(lm.speech_encoder.output_lengths(torch.tensor([speech.shape[0]]))[0])
+        return torch.full((n,), lm.text_vocab_size, dtype=torch.long, device=speech.device), {"speech_features": speech}
+    return speech.long() + lm.text_vocab_size, {}
+
+
+def transcribe(lm, speech: Sequence[torch.Tensor], tokenizer, *, max_new_tokens: int = 64,
                progress: bool = True) -> list[str]:
-    """Greedy ASR: each prompt is the utterance's speech ids (already shifted above the text vocabulary); the
-    output is decoded text up to the tokenizer's eos."""
+    """Greedy ASR: ``speech`` holds each utterance's unit ids (0..K-1) or, for a model with continuous speech
+    input, its log-mel features (see ``speech_prompt``); the output is decoded text up to the tokenizer's eos."""
     from tqdm.auto import tqdm
 
     texts = []
-    for prompt in tqdm(speech_prompts, desc="decode", disable=not progress):
+    for utterance in tqdm(speech, desc="decode", disable=not progress):
+        prompt, inputs = speech_prompt(lm, utterance)
         new = greedy_decode(lm, prompt, max_new_tokens=max_new_tokens, eos=tokenizer.eos_token_id,
-                            allowed_vocab=lm.text_vocab_size)
+                            allowed_vocab=lm.text_vocab_size, **inputs)
         if tokenizer.eos_token_id is not None and new.numel() and int(new[-1]) == tokenizer.eos_token_id:
             new = new[:-1]
         texts.append(tokenizer.decode(new.tolist(), skip_special_tokens=True))
@@ -173,11 +188,11 @@ def evaluate_model(lm, base, test_items, text_tokenizer, *, device=None, max_new
                    n_continuations: int = 10, progress: bool = True) -> dict:
     """ASR and text degradation of ``lm`` on a test split, against ``base`` (an untouched copy of its base model).
 
-    ``test_items`` are ``(utterance, units, text ids)`` as ``mdus.train.sequences_from_manifest`` returns them
-    (its first value); ``utterance.text`` is the reference. Steps:
+    ``test_items`` are ``(utterance, speech, text ids)`` as ``mdus.train.sequences_from_manifest`` returns them
+    (its first value; speech = unit ids or log-mel features); ``utterance.text`` is the reference. Steps:
 
-    * ASR: greedy decoding (``transcribe``, at most ``max_new_tokens`` tokens) from each utterance's units placed
-      above the text vocabulary, scored by ``error_rates``;
+    * ASR: greedy decoding (``transcribe``, at most ``max_new_tokens`` tokens) from each utterance's speech,
+      scored by ``error_rates``;
     * text degradation (``text_degradation``): the references as plain text (their token ids without special
       tokens), with the first half (at least 2 tokens) of the first ``n_continuations`` of them as greedy
       continuation prompts.
@@ -190,7 +205,7 @@ def evaluate_model(lm, base, test_items, text_tokenizer, *, device=None, max_new
         raise ValueError("evaluate_model needs at least one test item")
     device = torch.device(device) if device is not None else next(lm.parameters()).device
     refs = [utt.text for utt, _, _ in test_items]
-    hyps = transcribe(lm, [units.to(device) + lm.text_vocab_size for _, units, _ in test_items], text_tokenizer,
+    hyps = transcribe(lm, [speech.to(device) for _, speech, _ in test_items], text_tokenizer,
                       max_new_tokens=max_new_tokens, progress=progress)
     rates = error_rates(refs, hyps)
     # Held-out text for degradation: the test transcripts (never trained on) as plain text.

@@ -3,7 +3,9 @@ resume bit-exactly, signal handling, progress and metrics.
 
 An *example* is ``(units, text)``: speech unit ids (0..K-1) and the transcript's text token ids. Its sequence is
 ``[text_vocab + units] + text (+ eos)``, trained by next-token prediction on the transcript only (ASR, as in the
-paper). Sequences are packed without padding into varlen batches of at most ``max_tokens`` tokens
+paper). With continuous speech input (a ``LogMelFrontEnd`` and a model with a speech encoder) the units are
+``ceil(frames / stride)`` placeholder ids 0 and the example also carries its log-mel features, which ``collate``
+pads into ``speech_features``. Sequences are packed without padding into varlen batches of at most ``max_tokens`` tokens
 (``cu_seqlens``), in an order drawn from ``seed + epoch``, so the whole data order is a function of the config.
 
 **Bit-exact resume.** A checkpoint holds the trainable tensors, the optimizer and scheduler state, every RNG state
@@ -53,21 +55,21 @@ class TrainConfig:
 
 
 def build_method(base, method: str, *, speech_vocab_size: int, route: str = "all", block_config: dict | None = None,
-                 lora_params: int | None = None, n_insert: int | None = None) -> SpeechLM:
+                 lora_params: int | None = None, n_insert: int | None = None,
+                 speech_encoder: dict | None = None) -> SpeechLM:
     """One of ``METHODS`` around ``base``. ``lora`` matches ``lora_params`` trainable parameters (e.g. those of the
-    up-scaled model), else uses rank 8."""
-    if method == "dus-transformer":
-        return mdus.upscale(base, block="transformer", speech_vocab_size=speech_vocab_size, route=route,
-                            block_config=block_config, n_insert=n_insert)
-    if method == "dus-ebranchformer":
-        return mdus.upscale(base, block="ebranchformer", speech_vocab_size=speech_vocab_size, route=route,
-                            block_config=block_config, n_insert=n_insert)
+    up-scaled model), else uses rank 8. ``speech_encoder`` (``ConvSubsampler`` options) gives continuous speech
+    input (``speech_encoder_config`` makes it from a front end)."""
+    speech = dict(speech_vocab_size=speech_vocab_size, speech_encoder=speech_encoder)
+    if method in ("dus-transformer", "dus-ebranchformer"):
+        return mdus.upscale(base, block=method.removeprefix("dus-"), route=route, block_config=block_config,
+                            n_insert=n_insert, **speech)
     if method == "full-ft":
-        return mdus.full_finetune(base, speech_vocab_size=speech_vocab_size)
+        return mdus.full_finetune(base, **speech)
     if method == "lora":
         if lora_params:
-            return mdus.lora(base, match_params=lora_params, speech_vocab_size=speech_vocab_size)
-        return mdus.lora(base, rank=8, speech_vocab_size=speech_vocab_size)
+            return mdus.lora(base, match_params=lora_params, **speech)
+        return mdus.lora(base, rank=8, **speech)
     raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
@@ -99,12 +101,42 @@ def pack(lengths: Sequence[int], order: Sequence[int], max_tokens: int) -> list[
     return batches
 
 
-def collate(seqs: Sequence[tuple[torch.Tensor, torch.Tensor]], device) -> dict:
-    ids = torch.cat([s for s, _ in seqs]).to(device)
-    mask = torch.cat([m for _, m in seqs]).to(device)
-    lengths = torch.tensor([s.shape[0] for s, _ in seqs])
+def speech_encoder_config(speech_tokenizer) -> dict | None:
+    """The model's speech encoder options for a continuous front end (``LogMelFrontEnd``); None for units."""
+    if not getattr(speech_tokenizer, "continuous", False):
+        return None
+    return {"n_mels": speech_tokenizer.n_mels, "stride": speech_tokenizer.stride}
+
+
+def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float, seed: int = 0):
+    """A speech front end fit on the training ``waves``: ``"units"``, k-means units of log-mel frames
+    (``units`` clusters at ``frame_rate`` Hz, de-duplicated), or ``"features"``, standardized log-mel frames for a
+    speech encoder subsampling 100 Hz to ``frame_rate`` Hz (100 / ``frame_rate`` must be an even integer)."""
+    from mdus.speech import KMeansTokenizer, LogMelFrontEnd
+
+    if speech_input == "units":
+        return KMeansTokenizer(units, frame_rate=frame_rate, seed=seed).fit(waves)
+    if speech_input == "features":
+        stride = 100 / frame_rate
+        if stride != round(stride) or round(stride) % 2:
+            raise ValueError(f"frame_rate={frame_rate}: continuous features need 100 / frame_rate to be an even "
+                             "integer (50, 25 or 12.5 Hz)")
+        return LogMelFrontEnd(round(stride)).fit(waves)
+    raise ValueError(f"speech_input must be 'units' or 'features', got {speech_input!r}")
+
+
+def collate(seqs: Sequence[tuple], device) -> dict:
+    """Packs examples ``(ids, loss mask)`` or ``(ids, loss mask, features)`` into one varlen batch."""
+    ids = torch.cat([s[0] for s in seqs]).to(device)
+    mask = torch.cat([s[1] for s in seqs]).to(device)
+    lengths = torch.tensor([s[0].shape[0] for s in seqs])
     cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32).to(device)
-    return dict(input_ids=ids, cu_seqlens=cu, max_seqlen=int(lengths.max()), loss_mask=mask)
+    batch = dict(input_ids=ids, cu_seqlens=cu, max_seqlen=int(lengths.max()), loss_mask=mask)
+    if len(seqs[0]) == 3:
+        feats = [s[2] for s in seqs]
+        batch["speech_features"] = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(device)
+        batch["speech_feature_lengths"] = torch.tensor([f.shape[0] for f in feats], device=device)
+    return batch
 
 
 def epoch_batches(lengths, epoch: int, cfg: TrainConfig) -> list[list[int]]:
@@ -210,7 +242,7 @@ def evaluate_loss(lm: SpeechLM, seqs, cfg: TrainConfig, device) -> float:
     was_training = lm.training
     lm.eval()
     total, count = 0.0, 0
-    lengths = [s.shape[0] for s, _ in seqs]
+    lengths = [s[0].shape[0] for s in seqs]
     for batch in pack(lengths, range(len(seqs)), cfg.max_tokens):
         b = collate([seqs[i] for i in batch], device)
         # Weight by the targets the loss averages over: the same ones SpeechLM's own target builder makes.
@@ -244,7 +276,7 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
         raise ValueError("the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    lengths = [s.shape[0] for s, _ in train_seqs]
+    lengths = [s[0].shape[0] for s in train_seqs]
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "elapsed_s": 0.0}
     if resume:
         if not ckpt_path.is_file():
@@ -309,8 +341,8 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
 
 
 def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progress: bool = True):
-    """``[(utterance, units, text ids)]`` and the training sequences of a manifest's utterances (bad audio is
-    skipped, counted and reported)."""
+    """``[(utterance, speech, text ids)]`` and the training examples of a manifest's utterances (bad audio is
+    skipped, counted and reported). ``speech`` is unit ids, or log-mel features for a continuous front end."""
     from tqdm.auto import tqdm
 
     from mdus.data.audio import AudioStream
@@ -319,12 +351,17 @@ def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progr
     stream = AudioStream(read_manifest(manifest))
     items = []
     for utt, wave in tqdm(stream, desc=f"units {Path(manifest).stem}", disable=not progress):
-        units = speech_tokenizer.encode(wave)
+        speech = speech_tokenizer.encode(wave)
         text = torch.tensor(text_tokenizer(" " + utt.text.strip(), add_special_tokens=False).input_ids)
-        items.append((utt, units, text))
+        items.append((utt, speech, text))
     if stream.n_skipped:
         print(stream.summary())
-    seqs = [make_sequence(u, t, len(text_tokenizer), text_tokenizer.eos_token_id) for _, u, t in items]
+    continuous = getattr(speech_tokenizer, "continuous", False)
+    seqs = []
+    for _, speech, text in items:
+        units = torch.zeros(speech_tokenizer.n_positions(speech), dtype=torch.long) if continuous else speech
+        seq = make_sequence(units, text, len(text_tokenizer), text_tokenizer.eos_token_id)
+        seqs.append((*seq, speech) if continuous else seq)
     return items, seqs
 
 
@@ -337,8 +374,10 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="speech tokenizer folder; fit on the training audio and saved there when absent "
                         "(default OUT/tokenizer)")
-    p.add_argument("--units", type=int, default=200)
-    p.add_argument("--frame-rate", type=float, default=25.0)
+    p.add_argument("--speech-input", default="units", choices=["units", "features"],
+                   help="discrete k-means units, or log-mel features through a trainable conv subsampler")
+    p.add_argument("--units", type=int, default=200, help="k-means units (--speech-input units)")
+    p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second")
     p.add_argument("--lora-params", type=int, default=None, help="lora: match this trainable-parameter count")
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -356,7 +395,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     """Train one method on a corpus (speech units -> transcript); --resume continues a stopped run exactly."""
     from mdus.models import load_base
-    from mdus.speech import KMeansTokenizer
+    from mdus.speech import load_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     manifests = {s: args.data / f"{s}.jsonl" for s in ("train", "dev")}
@@ -365,7 +404,7 @@ def run(args) -> int:
         return 2
     tok_dir = args.tokenizer or args.out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
-        speech_tok = KMeansTokenizer.load(tok_dir)
+        speech_tok = load_tokenizer(tok_dir)
     else:
         if args.resume:
             print(f"mdus train --resume: the run's speech tokenizer {tok_dir} is missing")
@@ -374,7 +413,8 @@ def run(args) -> int:
         from mdus.data.readers import read_manifest
 
         waves = [w for _, w in AudioStream(read_manifest(manifests["train"]))]
-        speech_tok = KMeansTokenizer(args.units, frame_rate=args.frame_rate, seed=args.seed).fit(waves)
+        speech_tok = fit_speech_input(args.speech_input, waves, units=args.units, frame_rate=args.frame_rate,
+                                      seed=args.seed)
         speech_tok.save(tok_dir)
     base, text_tok = load_base(args.model, device=device)
     progress = not args.no_progress
@@ -383,7 +423,7 @@ def run(args) -> int:
                 if manifests["dev"].is_file() else [])
     torch.manual_seed(args.seed)
     lm = build_method(base, args.method, speech_vocab_size=speech_tok.vocab_size, route=args.route,
-                      lora_params=args.lora_params)
+                      lora_params=args.lora_params, speech_encoder=speech_encoder_config(speech_tok))
     cfg = TrainConfig(lr=args.lr, max_steps=args.max_steps, max_tokens=args.max_tokens, grad_accum=args.grad_accum,
                       eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
                       budget_minutes=args.budget_minutes, progress=progress,

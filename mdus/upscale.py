@@ -80,6 +80,8 @@ class SpeechLMConfig:
     route: str = "all"
     train_text_embeddings: bool = False
     lora: dict = field(default_factory=dict)  # rank, alpha, target_modules for method="lora"
+    # Continuous speech input: ConvSubsampler options (n_mels, stride); empty = discrete speech units.
+    speech_encoder: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -118,6 +120,12 @@ class SpeechLM(nn.Module):
     ``labels`` (aligned with ``input_ids``, shifted inside, ``-100`` = ignore) or ``loss_mask`` (True where the
     token is a prediction target) give the mean next-token loss, computed by the fused loss without logits; a
     packed sequence's last token never predicts the next sequence's first.
+
+    **Continuous speech input** (``config.speech_encoder``, e.g. ``{"n_mels": 80, "stride": 4}``): the model owns a
+    trainable ``mdus.speech.ConvSubsampler``; ``speech_features`` (a padded (B, F, n_mels) batch of log-mel frames
+    with ``speech_feature_lengths`` (B,), or one utterance (F, n_mels)) become ``ceil(F / stride)`` embeddings per
+    utterance, which replace the embeddings of the speech positions of ``input_ids`` (placeholder id
+    ``text_vocab_size``) in order: utterance by utterance, position by position.
     """
 
     def __init__(self, base: nn.Module, config: SpeechLMConfig):
@@ -162,6 +170,15 @@ class SpeechLM(nn.Module):
             if head.weight is not embed.weight:  # the host unties its head: so do the speech rows
                 self.speech_out = nn.Parameter(torch.empty_like(self.speech_embed.weight).normal_(
                     std=float(head.weight.detach().float().std())))
+        self.speech_encoder = None
+        if config.speech_encoder:
+            from mdus.speech.subsampler import ConvSubsampler
+
+            if not config.speech_vocab_size:
+                raise ValueError("a speech encoder needs speech_vocab_size >= 1 (its placeholder id marks the speech "
+                                 "positions)")
+            self.speech_encoder = ConvSubsampler(d_model=d, **config.speech_encoder).to(
+                device=embed.weight.device, dtype=embed.weight.dtype)
         self._set_trainable()
 
     @property
@@ -183,7 +200,7 @@ class SpeechLM(nn.Module):
                 self.base.get_input_embeddings().requires_grad_(True)
                 self.base.get_output_embeddings().requires_grad_(True)
         # method == "lora": peft has already frozen the base and made the adapters trainable
-        for module in (self.blocks, self.speech_embed):
+        for module in (self.blocks, self.speech_embed, self.speech_encoder):
             if module is not None:
                 module.requires_grad_(True)
         if self.speech_out is not None:
@@ -224,12 +241,15 @@ class SpeechLM(nn.Module):
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 max_seqlen: int | None = None, labels: torch.Tensor | None = None,
                 loss_mask: torch.Tensor | None = None, return_logits: bool | None = None, past_key_values=None,
-                use_cache: bool = False) -> SpeechLMOutput:
+                use_cache: bool = False, speech_features: torch.Tensor | None = None,
+                speech_feature_lengths: torch.Tensor | None = None) -> SpeechLMOutput:
         packed = cu_seqlens is not None
         ids, attention_mask, position_ids, layer_kwargs = self._prepare(input_ids, attention_mask, position_ids,
                                                                         cu_seqlens, max_seqlen, past_key_values)
         speech = ids >= self.text_vocab_size
         hidden = self.embed(ids)
+        if speech_features is not None or (self.speech_encoder is not None and bool(speech.any())):
+            hidden = self._splice_features(hidden, speech, speech_features, speech_feature_lengths)
         decoder = self.base.get_decoder()
         position_embeddings = decoder.rotary_emb(hidden, position_ids)
         common = dict(attention_mask=attention_mask, position_ids=position_ids,
@@ -262,6 +282,32 @@ class SpeechLM(nn.Module):
                 logits = logits[0]
         return SpeechLMOutput(loss=loss, logits=logits, hidden_states=hidden[0] if packed else hidden,
                               past_key_values=past_key_values)
+
+    def _splice_features(self, hidden, speech, features, lengths):
+        """``hidden`` with the speech positions' embeddings replaced by the speech encoder's outputs."""
+        if self.speech_encoder is None:
+            raise ValueError("speech_features given, but this model reads speech units (it has no speech encoder)")
+        if features is None:
+            raise ValueError("input_ids hold speech positions and this model reads speech as features: pass "
+                             "speech_features (and speech_feature_lengths for a padded batch)")
+        if not isinstance(features, torch.Tensor) or features.dim() not in (2, 3):
+            raise ValueError(f"speech_features must be (frames, n_mels) or (batch, frames, n_mels), got "
+                             f"{getattr(features, 'shape', type(features).__name__)}")
+        if features.dim() == 2:
+            if lengths is not None:
+                raise ValueError("speech_feature_lengths goes with a padded (batch, frames, n_mels) speech_features")
+            features, lengths = features[None], torch.tensor([features.shape[0]], device=features.device)
+        elif lengths is None:
+            lengths = torch.full((features.shape[0],), features.shape[1], device=features.device)
+        emb, out_lengths = self.speech_encoder(features.to(hidden.dtype), lengths)
+        valid = torch.arange(emb.shape[1], device=emb.device) < out_lengths[:, None]
+        rows = emb[valid]
+        n_speech = int(speech.sum())
+        if rows.shape[0] != n_speech:
+            raise ValueError(f"speech_features give {rows.shape[0]} speech positions (ceil(frames / "
+                             f"{self.speech_encoder.stride}) per utterance) but input_ids hold {n_speech} speech "
+                             f"tokens")
+        return hidden.masked_scatter(speech.unsqueeze(-1), rows.to(hidden.dtype))
 
     def _prepare(self, input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, past_key_values):
         """Validates the batch; returns (ids (B, T), 2-D bool mask or None, position_ids, kwargs for the layers)."""
@@ -356,7 +402,7 @@ class SpeechLM(nn.Module):
 
 def upscale(model: nn.Module, *, n_insert: int | None = None, placement: str | list[int] = "interleaved",
             block: str = "transformer", block_config: dict | None = None, speech_vocab_size: int = 0,
-            route: str = "all", train_text_embeddings: bool = False) -> SpeechLM:
+            route: str = "all", train_text_embeddings: bool = False, speech_encoder: dict | None = None) -> SpeechLM:
     """Depth up-scaling: freezes ``model`` (a transformers causal LM) and inserts ``n_insert`` new blocks.
 
     Args:
@@ -373,6 +419,8 @@ def upscale(model: nn.Module, *, n_insert: int | None = None, placement: str | l
         route: "all", or "speech_only": the blocks update speech positions only, so text-only inputs give exactly
             the base model's outputs, whatever the training did.
         train_text_embeddings: also train the text embedding and head (off: they get no gradient at all).
+        speech_encoder: continuous speech input instead of units: ``ConvSubsampler`` options (``n_mels``,
+            ``stride``); then ``speech_vocab_size`` is 1, the placeholder id (see ``SpeechLM``).
 
     Example:
         >>> lm = upscale(AutoModelForCausalLM.from_pretrained(path), block="ebranchformer", speech_vocab_size=5000)
@@ -384,13 +432,14 @@ def upscale(model: nn.Module, *, n_insert: int | None = None, placement: str | l
     positions = insertion_positions(n_layers, n_insert, placement)
     config = SpeechLMConfig(method="dus", positions=positions, block=block, block_config=dict(block_config or {}),
                             speech_vocab_size=speech_vocab_size, route=route,
-                            train_text_embeddings=train_text_embeddings)
+                            train_text_embeddings=train_text_embeddings, speech_encoder=dict(speech_encoder or {}))
     return SpeechLM(model, config)
 
 
-def full_finetune(model: nn.Module, *, speech_vocab_size: int = 0) -> SpeechLM:
+def full_finetune(model: nn.Module, *, speech_vocab_size: int = 0, speech_encoder: dict | None = None) -> SpeechLM:
     """The full fine-tuning baseline: every weight trains, plus the speech rows; no inserted block."""
-    return SpeechLM(model, SpeechLMConfig(method="full_finetune", speech_vocab_size=speech_vocab_size))
+    return SpeechLM(model, SpeechLMConfig(method="full_finetune", speech_vocab_size=speech_vocab_size,
+                                          speech_encoder=dict(speech_encoder or {})))
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -403,7 +452,8 @@ def _lora_params_per_rank(model: nn.Module, targets) -> int:
 
 
 def lora(model: nn.Module, *, rank: int | None = None, match_params: int | None = None, speech_vocab_size: int = 0,
-         alpha: float | None = None, target_modules=LORA_TARGETS, dropout: float = 0.0) -> SpeechLM:
+         alpha: float | None = None, target_modules=LORA_TARGETS, dropout: float = 0.0,
+         speech_encoder: dict | None = None) -> SpeechLM:
     """The LoRA baseline (via peft) on the attention and MLP projections, plus trainable speech rows.
 
     ``match_params=N`` picks the rank whose trainable-parameter count (adapters + speech rows) is closest to N, so
@@ -420,6 +470,11 @@ def lora(model: nn.Module, *, rank: int | None = None, match_params: int | None 
     d = model.get_input_embeddings().weight.shape[1]
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     speech = speech_vocab_size * d * (1 if tied else 2)
+    if speech_encoder:
+        from mdus.speech.subsampler import ConvSubsampler
+
+        with torch.device("meta"):
+            speech += sum(p.numel() for p in ConvSubsampler(d_model=d, **speech_encoder).parameters())
     if rank is None:
         rank = max(1, round((match_params - speech) / per_rank))
     if rank < 1:
@@ -429,14 +484,16 @@ def lora(model: nn.Module, *, rank: int | None = None, match_params: int | None 
     model.requires_grad_(False)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=cfg["alpha"], target_modules=cfg["target_modules"],
                                        lora_dropout=dropout), model)
-    return SpeechLM(model, SpeechLMConfig(method="lora", speech_vocab_size=speech_vocab_size, lora=cfg))
+    return SpeechLM(model, SpeechLMConfig(method="lora", speech_vocab_size=speech_vocab_size, lora=cfg,
+                                          speech_encoder=dict(speech_encoder or {})))
 
 
 def _rebuild(model: nn.Module, config: SpeechLMConfig) -> SpeechLM:
     if config.method == "lora":
         lo = config.lora
         return lora(model, rank=lo["rank"], speech_vocab_size=config.speech_vocab_size, alpha=lo["alpha"],
-                    target_modules=tuple(lo["target_modules"]), dropout=lo["dropout"])
+                    target_modules=tuple(lo["target_modules"]), dropout=lo["dropout"],
+                    speech_encoder=config.speech_encoder)
     return SpeechLM(model, config)
 
 
@@ -483,7 +540,8 @@ def describe(model: SpeechLM) -> str:
                   ("final norm", decoder.norm),
                   ("text head", model.base.get_output_embeddings()),
                   ("inserted blocks", model.blocks),
-                  ("speech embedding", model.speech_embed)]
+                  ("speech embedding", model.speech_embed),
+                  ("speech encoder", model.speech_encoder)]
     for name, module in components:
         if module is None:
             continue

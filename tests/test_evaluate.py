@@ -69,3 +69,30 @@ def test_text_degradation():
     lm, ref = _pair(perturb=0.5)
     moved = E.text_degradation(lm, ref, texts, continuation_prompts=prompts, continuation_tokens=6)
     assert moved["text_kl"] > 1e-3 and moved["text_ppl"] != pytest.approx(moved["text_ppl_base"], rel=1e-3)
+
+
+def test_transcribe_continuous_input():
+    """A model with a speech encoder decodes from log-mel features: cached decoding equals recomputing the whole
+    prefix with the features every step, and ``speech_prompt`` makes ceil(frames / stride) placeholder positions."""
+    torch.manual_seed(0)
+    lm = mdus.upscale(LlamaForCausalLM(CONFIG).eval(), speech_vocab_size=1, speech_encoder={"n_mels": 6, "stride": 4})
+    with torch.no_grad():
+        for p in lm.blocks.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    feats = torch.randn(10, 6)
+    ids, inputs = E.speech_prompt(lm, feats)
+    assert torch.equal(ids, torch.full((3,), V)) and inputs["speech_features"] is feats
+    cached = E.greedy_decode(lm, ids, max_new_tokens=8, allowed_vocab=V, use_cache=True, **inputs)
+    full = E.greedy_decode(lm, ids, max_new_tokens=8, allowed_vocab=V, use_cache=False, **inputs)
+    assert torch.equal(cached, full)
+
+    class Tok:
+        eos_token_id = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    assert E.transcribe(lm, [feats], Tok(), max_new_tokens=8, progress=False) == [" ".join(map(str, cached.tolist()))]
+    units_lm, _ = _pair()
+    with pytest.raises(ValueError, match="no speech encoder"):
+        E.speech_prompt(units_lm, feats)

@@ -15,6 +15,7 @@ from mdus.speech import (
     KMeans,
     KMeansTokenizer,
     LogMel,
+    LogMelFrontEnd,
     SpeechTokenizer,
     UnitFileTokenizer,
     build_tokenizer,
@@ -560,3 +561,28 @@ def test_cuda_matches_cpu():
     dist, mapping = torch.cdist(gpu.centroids.cpu(), cpu.centroids).min(dim=1)
     assert sorted(mapping.tolist()) == list(range(5)) and float(dist.max()) < 1e-3
     assert torch.equal(mapping[gpu.predict(x.cuda()).cpu()], cpu.predict(x))
+
+
+def test_logmel_front_end(tmp_path):
+    """Continuous input: standardized with the training split's per-bin statistics (checked against the frames
+    computed independently by ``logmel``), as many positions as the model's ConvSubsampler outputs, and a
+    save/load round trip through ``load_tokenizer``."""
+    g = torch.Generator().manual_seed(5)
+    waves = [0.1 * torch.randn(n, generator=g) for n in (4000, 7321, 16000)]
+    fe = build_tokenizer("features", stride=8, n_mels=24).fit(waves)
+    assert isinstance(fe, LogMelFrontEnd) and fe.continuous and fe.vocab_size == 1 and fe.frame_rate == 12.5
+    frames = torch.cat([logmel(w, n_mels=24) for w in waves]).double()
+    torch.testing.assert_close(fe.mean.double(), frames.mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fe.std.double(), frames.std(0, unbiased=False), atol=1e-4, rtol=1e-4)
+    feats = fe.encode(waves[1])
+    torch.testing.assert_close(feats, ((logmel(waves[1], n_mels=24) - fe.mean) / fe.std), atol=1e-5, rtol=1e-5)
+    sub = ConvSubsampler(24, 16, stride=8)
+    assert fe.n_positions(feats) == sub(feats).shape[0]
+    loaded = load_tokenizer(fe.save(tmp_path / "fe"))
+    assert isinstance(loaded, LogMelFrontEnd) and torch.equal(loaded.encode(waves[0]), fe.encode(waves[0]))
+    with pytest.raises(RuntimeError, match="before fit"):
+        LogMelFrontEnd().encode(waves[0])
+    with pytest.raises(ValueError, match="stride"):
+        LogMelFrontEnd(stride=3)
+    with pytest.raises(ValueError, match="at least two frames"):
+        LogMelFrontEnd().fit([])

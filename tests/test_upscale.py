@@ -251,3 +251,70 @@ def test_real_smollm2_135m():
     opt.step()
     assert torch.isfinite(loss)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+ENCODER = {"n_mels": 5, "stride": 4}
+
+
+def _feature_batch(seed=3):
+    """Two utterances (13 and 6 frames -> 4 and 2 speech positions), each followed by text, packed."""
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(13, 5, generator=g), torch.randn(6, 5, generator=g)]
+    texts = [torch.randint(0, V, (3,), generator=g), torch.randint(0, V, (5,), generator=g)]
+    seqs = [torch.cat([torch.full((4,), V), texts[0]]), torch.cat([torch.full((2,), V), texts[1]])]
+    padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+    return seqs, feats, padded, torch.tensor([13, 6])
+
+
+@pytest.mark.parametrize("method", ["dus-transformer", "lora", "full_finetune"])
+def test_continuous_speech_input(tmp_path, method):
+    """Speech features through the model's ConvSubsampler: a packed batch equals each utterance alone, and (with
+    the blocks at identity) transformers' own model run on the same embeddings (``inputs_embeds``)."""
+    model, fresh = _pair("llama")
+    build = {"dus-transformer": lambda m: mdus.upscale(m, speech_vocab_size=1, speech_encoder=ENCODER),
+             "lora": lambda m: mdus.lora(m, rank=2, speech_vocab_size=1, speech_encoder=ENCODER),
+             "full_finetune": lambda m: mdus.full_finetune(m, speech_vocab_size=1, speech_encoder=ENCODER)}[method]
+    lm = build(model).eval()
+    seqs, feats, padded, lengths = _feature_batch()
+    cu = torch.tensor([0, seqs[0].numel(), seqs[0].numel() + seqs[1].numel()], dtype=torch.int32)
+    packed = lm(torch.cat(seqs), cu_seqlens=cu, speech_features=padded, speech_feature_lengths=lengths).logits
+    for i, (ids, f) in enumerate(zip(seqs, feats, strict=True)):
+        alone = lm(ids[None], speech_features=f).logits[0]
+        torch.testing.assert_close(packed[cu[i]:cu[i + 1]], alone, atol=1e-5, rtol=1e-5)
+        emb = fresh.get_input_embeddings()(ids.clamp(max=V - 1))
+        emb[ids == V] = lm.speech_encoder(f)
+        want = fresh(inputs_embeds=emb[None]).logits[0]
+        torch.testing.assert_close(alone[:, :V], want, atol=1e-5, rtol=1e-5)
+    # The encoder trains, and the wrapper saves and reloads with it.
+    loss = lm(torch.cat(seqs), cu_seqlens=cu, speech_features=padded, speech_feature_lengths=lengths,
+              loss_mask=torch.cat(seqs) < V).loss
+    loss.backward()
+    assert lm.speech_encoder.conv1.weight.grad.abs().sum() > 0
+    loaded = mdus.load(lm.save_trainable(tmp_path / "w.safetensors"), _pair("llama")[0])
+    one = dict(input_ids=seqs[0][None], speech_features=feats[0])
+    assert torch.equal(loaded(**one).logits, lm(**one).logits)
+    assert "speech encoder" in mdus.describe(lm)
+
+
+def test_continuous_speech_input_errors():
+    lm = mdus.upscale(_pair("llama")[0], speech_vocab_size=1, speech_encoder=ENCODER)
+    seqs, feats, _, _ = _feature_batch()
+    with pytest.raises(ValueError, match="pass speech_features"):
+        lm(seqs[0][None])
+    with pytest.raises(ValueError, match="speech_features give 2 speech positions .* input_ids hold 4"):
+        lm(seqs[0][None], speech_features=feats[1])
+    with pytest.raises(ValueError, match="no speech encoder"):
+        mdus.upscale(_pair("llama")[0], speech_vocab_size=1)(seqs[0][None], speech_features=feats[0])
+    with pytest.raises(ValueError, match="speech_vocab_size >= 1"):
+        mdus.upscale(_pair("llama")[0], speech_encoder=ENCODER)
+    # Text-only input needs no features.
+    assert lm(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, V + 1)
+
+
+def test_lora_match_params_counts_the_speech_encoder():
+    dus = mdus.upscale(_pair("llama")[0], speech_vocab_size=1, speech_encoder=ENCODER)
+    lo = mdus.lora(_pair("llama")[0], match_params=mdus.count_trainable(dus), speech_vocab_size=1,
+                   speech_encoder=ENCODER)
+    per_rank = sum(m.base_layer.in_features + m.base_layer.out_features for n, m in lo.base.named_modules()
+                   if n.rsplit(".", 1)[-1] in LORA_TARGETS)
+    assert abs(mdus.count_trainable(lo) - mdus.count_trainable(dus)) <= per_rank / 2

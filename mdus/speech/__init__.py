@@ -10,6 +10,7 @@ One capability per module:
 * ``unit_files``: units precomputed elsewhere, read from files named in a manifest (``read_units``,
   ``UnitFileTokenizer``);
 * ``subsampler``: log-mel -> embeddings through a trainable strided conv stack (``ConvSubsampler``);
+* ``features``: the continuous front end, standardized log-mel frames for that subsampler (``LogMelFrontEnd``);
 * ``factory``: the shared interface (``SpeechTokenizer``), ``build_tokenizer`` and ``load_tokenizer``.
 
 ``SSLFeatures`` imports transformers only when it is used.
@@ -17,6 +18,7 @@ One capability per module:
 
 from mdus.speech._common import dedup
 from mdus.speech.factory import KINDS, SpeechTokenizer, build_tokenizer, load_tokenizer
+from mdus.speech.features import LogMelFrontEnd
 from mdus.speech.kmeans import KMeans
 from mdus.speech.kmeans_tokenizer import KMeansTokenizer, pool_frames
 from mdus.speech.logmel import LogMel, logmel, mel_banks, num_frames
@@ -33,6 +35,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'mdus.speech' has no attribute {name!r}")
 
 
-__all__ = ["KINDS", "ConvSubsampler", "KMeans", "KMeansTokenizer", "LogMel", "SSLFeatures", "SpeechTokenizer",
-           "UnitFileTokenizer", "build_tokenizer", "check_units", "dedup", "load_tokenizer", "logmel", "mel_banks",
-           "num_frames", "pool_frames", "read_units"]
+__all__ = ["KINDS", "ConvSubsampler", "KMeans", "KMeansTokenizer", "LogMel", "LogMelFrontEnd", "SSLFeatures",
+           "SpeechTokenizer", "UnitFileTokenizer", "build_tokenizer", "check_units", "dedup", "load_tokenizer",
+           "logmel", "mel_banks", "num_frames", "pool_frames", "read_units"]

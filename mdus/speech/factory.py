@@ -20,14 +20,17 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from mdus.speech._common import read_config
+from mdus.speech.features import LogMelFrontEnd
 from mdus.speech.kmeans_tokenizer import KMeansTokenizer
 from mdus.speech.logmel import LogMel
 from mdus.speech.unit_files import UnitFileTokenizer
 
 KINDS = {"logmel_kmeans": "logmel_kmeans", "kmeans": "logmel_kmeans", "logmel": "logmel_kmeans",
          "ssl_kmeans": "ssl_kmeans", "ssl": "ssl_kmeans", "hubert": "ssl_kmeans",
-         "units": "units", "unit_files": "units"}
-_SAVED = {KMeansTokenizer.kind: KMeansTokenizer, UnitFileTokenizer.kind: UnitFileTokenizer}
+         "units": "units", "unit_files": "units",
+         "logmel_features": "logmel_features", "features": "logmel_features", "continuous": "logmel_features"}
+_SAVED = {KMeansTokenizer.kind: KMeansTokenizer, UnitFileTokenizer.kind: UnitFileTokenizer,
+          LogMelFrontEnd.kind: LogMelFrontEnd}
 _SSL_KEYS = ("model_name_or_path", "layer", "normalize_wave", "sample_rate", "device", "dtype")
 
 
@@ -68,9 +71,10 @@ def build_tokenizer(kind: str, **cfg) -> SpeechTokenizer:
     kind = KINDS[kind]
     if kind == "units":
         return UnitFileTokenizer(**cfg)
-    if kind == "logmel_kmeans":
+    if kind in ("logmel_kmeans", "logmel_features"):
         mel_cfg, rest = _split(cfg, inspect.signature(LogMel).parameters)
-        return KMeansTokenizer(features=LogMel(**mel_cfg), **rest)
+        cls = KMeansTokenizer if kind == "logmel_kmeans" else LogMelFrontEnd
+        return cls(features=LogMel(**mel_cfg), **rest)
     from mdus.speech.ssl import SSLFeatures
 
     ssl_cfg, rest = _split(cfg, _SSL_KEYS)
