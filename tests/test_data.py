@@ -29,7 +29,7 @@ from mdus.data import (
     text_file_sentences,
     write_manifest,
 )
-from mdus.data.synth import FORTUNES_DIR, _dedupe_key
+from mdus.data.synth import FORTUNES_DIR, _dedupe_key, limit_vocabulary
 
 HAVE_ENGINES = shutil.which("espeak-ng") is not None and shutil.which("flite") is not None
 needs_engines = pytest.mark.skipif(not HAVE_ENGINES, reason="espeak-ng and flite are not installed (scripts/setup.sh "
@@ -185,6 +185,16 @@ def test_text_file_sentences(tmp_path):
     assert text_file_sentences([tmp_path / "a.txt"]) == ["The cat sat on the mat.",
                                                          "a plain lowercase line with 42 in it"]
     assert text_file_sentences([tmp_path / "a.txt"], max_words=5) == []
+
+
+def test_limit_vocabulary():
+    sentences = ["The cat sat.", "the dog sat!", "A cat ran", "zebra", "The cat, the dog."]
+    # Counts: the 4, cat 3, sat 2, dog 2, a 1, ran 1, zebra 1 -> the top 3 are {the, cat, sat}.
+    assert limit_vocabulary(sentences, 3) == ["The cat sat."]
+    assert limit_vocabulary(sentences, 4) == ["The cat sat.", "the dog sat!", "The cat, the dog."]
+    assert limit_vocabulary(sentences, 100) == sentences
+    with pytest.raises(ValueError, match="max_vocab"):
+        limit_vocabulary(sentences, 0)
 
 
 @needs_engines

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="sentences, one per line, instead of fortunes (repeatable)")
     p.add_argument("--min-words", type=int, default=3)
     p.add_argument("--max-words", type=int, default=20)
+    p.add_argument("--max-vocab", type=int, default=None,
+                   help="keep only sentences made of the N most frequent words (a small-vocabulary corpus)")
     p.add_argument("--held-out-voices", type=float, default=0.1,
                    help="fraction of each engine's voices held out for each of dev and test")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all CPUs)")
@@ -62,7 +64,8 @@ def _synth(args) -> int:
     try:
         manifests = synthesize(args.out, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test, seed=args.seed,
                                voices=voices, text_files=args.text_files, min_words=args.min_words,
-                               max_words=args.max_words, held_out_voices=args.held_out_voices, jobs=args.jobs,
+                               max_words=args.max_words, max_vocab=args.max_vocab,
+                               held_out_voices=args.held_out_voices, jobs=args.jobs,
                                progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"mdus data synth: {e}", file=sys.stderr)

@@ -144,6 +144,23 @@ def text_file_sentences(paths, *, min_words: int = 3, max_words: int = 20) -> li
     return out
 
 
+def limit_vocabulary(sentences: list[str], max_vocab: int) -> list[str]:
+    """The sentences whose every word is among the ``max_vocab`` most frequent words of ``sentences`` (words
+    compared as ``_dedupe_key`` spells them; ties broken by first appearance). A small-vocabulary corpus: held-out
+    sentences are then new combinations of words that training speaks, which a short run can learn to transcribe.
+
+    Example:
+        >>> limit_vocabulary(["the cat sat", "the dog sat", "a zebra"], 3)
+        ['the cat sat']
+    """
+    if max_vocab < 1:
+        raise ValueError(f"max_vocab must be >= 1, got {max_vocab}")
+    words = [_dedupe_key(x).split() for x in sentences]
+    counts = Counter(w for ws in words for w in ws)
+    vocab = {w for w, _ in counts.most_common(max_vocab)}
+    return [x for x, ws in zip(sentences, words, strict=True) if all(w in vocab for w in ws)]
+
+
 # ---------------------------------------------------------------------------------------------------- voices
 
 
@@ -384,8 +401,8 @@ def _run(jobs: list[dict], n_proc: int, progress: bool) -> list[tuple]:
 
 
 def synthesize(out_dir, *, n_train: int, n_dev: int, n_test: int, seed: int = 0, voices=None, text_files=None,
-               min_words: int = 3, max_words: int = 20, held_out_voices: float = 0.1, jobs: int | None = None,
-               progress: bool = True) -> dict[str, Path]:
+               min_words: int = 3, max_words: int = 20, max_vocab: int | None = None, held_out_voices: float = 0.1,
+               jobs: int | None = None, progress: bool = True) -> dict[str, Path]:
     """Synthesize a train/dev/test speech corpus into ``out_dir``; returns ``{split: manifest path}``.
 
     Args:
@@ -398,6 +415,7 @@ def synthesize(out_dir, *, n_train: int, n_dev: int, n_test: int, seed: int = 0,
             ``split_voices`` (``held_out_voices`` is its fraction per engine for each of dev and test).
         text_files: text files with one sentence per line, instead of the ``fortunes`` sentences.
         min_words, max_words: sentence length bounds in words.
+        max_vocab: keep only the sentences made of the ``max_vocab`` most frequent words (``limit_vocabulary``).
         jobs: worker processes (default: the CPUs this process may use).
         progress: show a tqdm bar.
 
@@ -424,6 +442,8 @@ def synthesize(out_dir, *, n_train: int, n_dev: int, n_test: int, seed: int = 0,
     voices = _check_voices(voices)
     sentences = (text_file_sentences(text_files, min_words=min_words, max_words=max_words) if text_files
                  else fortune_sentences(min_words=min_words, max_words=max_words))
+    if max_vocab is not None:
+        sentences = limit_vocabulary(sentences, max_vocab)
     sentence_pools = split_sentences(sentences, seed, n_dev, n_test)
     voice_pools = split_voices(voices, seed, held_out=held_out_voices, dev=n_dev > 0, test=n_test > 0)
 
@@ -459,7 +479,8 @@ def synthesize(out_dir, *, n_train: int, n_dev: int, n_test: int, seed: int = 0,
     summary = (f"synthesized {ok}/{len(plan)} utterances ({seconds / 3600:.3f} h of audio) in {elapsed:.1f} s "
                f"with {n_proc} process(es): {1000 * elapsed / max(1, len(plan)):.1f} ms per utterance; "
                f"{len(failures)} failed")
-    report = {"seed": seed, "counts": counts, "synthesized": ok, "failed": len(failures), "audio_hours": seconds / 3600,
+    report = {"seed": seed, "counts": counts, "max_vocab": max_vocab, "synthesized": ok, "failed": len(failures),
+              "audio_hours": seconds / 3600,
               "elapsed_s": elapsed, "jobs": n_proc, "n_sentences": {s: len(p) for s, p in sentence_pools.items()},
               "voices": voice_pools, "failure_kinds": dict(Counter(f["error"].split(":")[0] for f in failures)),
               "failures": failures}
