@@ -1,20 +1,22 @@
-"""``mdus demo``: synthesize speech, tokenize it, train every method from the real SmolLM2-135M, evaluate, report.
+"""``mdus demo``: synthesize speech, train every method from the real SmolLM2-135M, evaluate, report.
 
 Steps (each writes into ``OUT``):
 
-1. ``OUT/data``: a TTS corpus (``mdus.data.synthesize``: fortunes sentences, espeak-ng/flite voices, held-out voices
-   and sentences for dev/test);
-2. ``OUT/tokenizer``: log-mel k-means units fit on the training audio (``mdus.speech.KMeansTokenizer``);
-3. ``OUT/<method>``: each method trained on ``[speech units] -> transcript`` (``mdus.train``), with checkpoints
-   and ``metrics.jsonl``; LoRA's rank is matched to the up-scaled model's trainable-parameter count;
-4. evaluation: greedy ASR on the test split (WER/CER) and text degradation on held-out sentences against a fresh
-   copy of the base model (``mdus.evaluate``);
+1. ``OUT/data``: a TTS corpus (``mdus.data.synthesize``: fortunes sentences of at most ``--max-words`` words from
+   a ``--max-vocab``-word vocabulary, espeak-ng/flite voices, held-out voices and sentences for dev/test);
+2. ``OUT/tokenizer``: the speech front end fit on the training audio: log-mel k-means units or standardized
+   log-mel features (``--speech-input``);
+3. ``OUT/<method>``: each method (``METHOD`` or ``METHOD@ROUTE``) trained on ``[speech] -> transcript``
+   (``mdus.train``), with checkpoints, ``metrics.jsonl`` and ``trainable.safetensors``; LoRA's rank is matched to
+   the up-scaled transformer model's trainable-parameter count;
+4. evaluation (``mdus.evaluate.evaluate_model``): greedy ASR on the test split (WER/CER), the test transcripts'
+   loss given their speech, and text degradation on the held-out sentences against a fresh copy of the base;
 5. ``OUT/results.json`` (method -> wer, cer, text_ppl, text_ppl_base, text_kl, trainable_params, ...) and
    ``OUT/report.md`` with a table and PNG plots.
 
-The time budget is split: a fixed share for data and tokenizer, the rest evenly over the methods' training (the
-step count of each is calibrated from the time of its first steps so that the learning-rate schedule completes),
-plus their evaluation.
+The time budget is shared: what is left after the data goes in equal parts to the methods still to run, 70% of a
+part to training (its step count calibrated from two timed steps, so that the learning-rate schedule completes;
+a hard stop at 80%) and the rest to evaluation.
 """
 
 from __future__ import annotations
@@ -27,24 +29,47 @@ from pathlib import Path
 
 import torch
 
-DEFAULT_METHODS = ("dus-ebranchformer", "dus-transformer", "full-ft", "lora")
+DEFAULT_METHODS = ("dus-ebranchformer", "dus-ebranchformer@speech_only", "dus-transformer", "full-ft", "lora")
+
+
+def parse_method(spec: str) -> tuple[str, str]:
+    """``"METHOD"`` or ``"METHOD@ROUTE"`` (an up-scaled method with ``route``) -> (method, route).
+
+    Example:
+        >>> parse_method("dus-transformer@speech_only"), parse_method("lora")
+        (('dus-transformer', 'speech_only'), ('lora', 'all'))
+    """
+    from mdus.train import METHODS
+    from mdus.upscale import ROUTES
+
+    method, _, route = spec.partition("@")
+    route = route or "all"
+    if method not in METHODS:
+        raise ValueError(f"--methods: {spec!r}: the method must be one of {', '.join(METHODS)}")
+    if route not in ROUTES or (route != "all" and not method.startswith("dus")):
+        raise ValueError(f"--methods: {spec!r}: a route (one of {', '.join(ROUTES)}) applies to the dus methods only")
+    return method, route
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     p.add_argument("--budget-minutes", type=float, default=40.0, help="total time budget (default 40)")
-    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS))
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                   help="methods to train, METHOD or METHOD@ROUTE (e.g. dus-transformer@speech_only)")
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--n-train", type=int, default=600)
-    p.add_argument("--n-dev", type=int, default=30)
-    p.add_argument("--n-test", type=int, default=40)
+    p.add_argument("--n-train", type=int, default=1000, help="training utterances")
+    p.add_argument("--n-dev", type=int, default=20)
+    p.add_argument("--n-test", type=int, default=30)
+    p.add_argument("--max-words", type=int, default=10, help="longest sentence, in words")
+    p.add_argument("--max-vocab", type=int, default=600,
+                   help="sentences made of the N most frequent words only (0: any fortunes sentence)")
     p.add_argument("--speech-input", default="units", choices=["units", "features"],
                    help="discrete k-means units, or log-mel features through a trainable conv subsampler")
     p.add_argument("--units", type=int, default=200, help="k-means speech units")
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second (a divisor of 100)")
-    p.add_argument("--max-tokens", type=int, default=1024, help="tokens per packed batch")
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens per packed batch")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest transcript decoded")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per method)")
-    p.add_argument("--route", default="all", choices=["all", "speech_only"], help="for the dus methods")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
 
@@ -54,19 +79,22 @@ def _lr(method: str, override: float | None) -> float:
         return override
     # New blocks and speech rows start from scratch and take a large rate; full fine-tuning moves pretrained
     # weights and needs a small one (the usual choices of each recipe).
-    return {"full-ft": 1e-4, "lora": 1e-3}.get(method, 1e-3)
+    return {"full-ft": 1e-4, "lora": 1e-3}.get(method, 2e-3)
 
 
 def _calibrated_steps(lm, seqs, cfg, device, seconds: float) -> int:
     """How many steps fit in ``seconds``: times two forward+backward passes on a typical batch (no update)."""
-    from mdus.train import collate, epoch_batches
+    from mdus.train import collate, epoch_batches, fast_bf16
 
     batch = epoch_batches([s[0].shape[0] for s in seqs], 0, cfg)[0]
     b = collate([seqs[i] for i in batch], device)
     lm.to(device).train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_bf16(device))  # as train() runs
     t0 = time.monotonic()
     for _ in range(2):
-        lm(**b).loss.backward()
+        with autocast:
+            loss = lm(**b).loss
+        loss.backward()
     per_step = (time.monotonic() - t0) / 2 * 1.15  # + optimizer step and logging
     lm.zero_grad(set_to_none=True)
     return max(5, int(seconds / per_step))
@@ -81,6 +109,11 @@ def run(args: argparse.Namespace) -> int:
     from mdus.models import load_base
     from mdus.speech import load_tokenizer
 
+    try:
+        specs = [parse_method(m) for m in args.methods]
+    except ValueError as e:
+        print(f"mdus demo: {e}")
+        return 2
     t_start = time.monotonic()
     budget_s = args.budget_minutes * 60
     out = args.out
@@ -89,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
 
     print(f"[1/5] data -> {out / 'data'}")
-    manifests = synthesize(out / "data", n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test, seed=args.seed)
+    manifests = synthesize(out / "data", n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test, seed=args.seed,
+                           max_words=args.max_words, max_vocab=args.max_vocab or None)
 
     what = (f"{args.units} log-mel k-means units" if args.speech_input == "units" else "log-mel features") + \
         f" at {args.frame_rate} Hz"
@@ -108,33 +142,35 @@ def run(args: argparse.Namespace) -> int:
     _, text_tok = load_base(args.model)
     _, train_seqs = T.sequences_from_manifest(manifests["train"], tokenizer, text_tok)
     _, dev_seqs = T.sequences_from_manifest(manifests["dev"], tokenizer, text_tok)
-    test_items, _ = T.sequences_from_manifest(manifests["test"], tokenizer, text_tok)
+    test_items, test_seqs = T.sequences_from_manifest(manifests["test"], tokenizer, text_tok)
 
-    remaining = budget_s - (time.monotonic() - t_start)
-    per_method = remaining / len(args.methods)
     results, lora_target = {}, None
     base_ref, _ = load_base(args.model, device=device)
-    for i, method in enumerate(args.methods):
-        print(f"[3/5] {method} ({i + 1}/{len(args.methods)}): {per_method / 60:.1f} min for training + evaluation")
+    for i, (name, (method, route)) in enumerate(zip(args.methods, specs, strict=True)):
+        # What is left, shared by the methods still to run (so an overrun of one is absorbed by the others).
+        per_method = (budget_s - (time.monotonic() - t_start)) / (len(args.methods) - i)
+        print(f"[3/5] {name} ({i + 1}/{len(args.methods)}): {per_method / 60:.1f} min for training + evaluation")
         base, _ = load_base(args.model, device=device)
         torch.manual_seed(args.seed)
         if method == "lora" and lora_target is None:  # match the up-scaled model even if it is not in the run
             lora_target = _count(T.build_method(load_base(args.model)[0], "dus-transformer",
                                                 speech_vocab_size=tokenizer.vocab_size, speech_encoder=encoder))
         lm = T.build_method(base, method, speech_vocab_size=tokenizer.vocab_size, speech_encoder=encoder,
-                            route=args.route if method.startswith("dus") else "all", lora_params=lora_target)
-        if method == "dus-transformer":
+                            route=route, lora_params=lora_target)
+        if method == "dus-transformer" and route == "all":
             lora_target = _count(lm)
-        cfg = T.TrainConfig(lr=_lr(method, args.lr), max_tokens=args.max_tokens, warmup_steps=10, seed=args.seed,
-                            eval_every=0, save_every=50)
-        cfg.max_steps = _calibrated_steps(lm, train_seqs, cfg, device, per_method * 0.75)
+        cfg = T.TrainConfig(lr=_lr(method, args.lr), max_tokens=args.max_tokens, warmup_steps=20, seed=args.seed,
+                            eval_every=0, save_every=50, budget_minutes=per_method * 0.8 / 60)
+        cfg.max_steps = _calibrated_steps(lm, train_seqs, cfg, device, per_method * 0.7)
         cfg.warmup_steps = max(1, min(cfg.warmup_steps, cfg.max_steps // 10))
         cfg.eval_every = max(1, cfg.max_steps // 4)
-        summary = T.train(lm, train_seqs, dev_seqs, cfg, out / method, device=device)
-        lm.save_trainable(out / method / "trainable.safetensors")
-        print(f"[4/5] {method}: evaluating")
-        scores = E.evaluate_model(lm, base_ref, test_items, text_tok, device=device)
-        results[method] = {**scores, "trainable_params": _count(lm), "steps": summary["step"],
+        summary = T.train(lm, train_seqs, dev_seqs, cfg, out / name, device=device)
+        lm.save_trainable(out / name / "trainable.safetensors")
+        print(f"[4/5] {name}: evaluating")
+        scores = E.evaluate_model(lm, base_ref, test_items, text_tok, device=device,
+                                  max_new_tokens=args.max_new_tokens)
+        results[name] = {**scores, "test_loss": T.evaluate_loss(lm, test_seqs, cfg, device),
+                           "trainable_params": _count(lm), "steps": summary["step"],
                            "train_seconds": summary["elapsed_s"]}
         (out / "results.json").write_text(json.dumps(results, indent=2))
         del lm, base
@@ -151,16 +187,24 @@ def _count(lm) -> int:
 
 
 def write_report(out: Path, results: dict, args) -> None:
-    rows = ["| method | trainable params | WER | CER | text ppl (base) | KL(base‖model) | greedy agreement | steps |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| method | trainable params | WER | CER | transcript loss | text ppl (base) | KL(base‖model) | "
+            "greedy agreement | steps |", "|---|---|---|---|---|---|---|---|---|"]
     for m, r in results.items():
         agree = "" if r.get("greedy_agreement") is None else f"{r['greedy_agreement']:.2f}"
-        rows.append(f"| {m} | {r['trainable_params']:,} | {r['wer']:.3f} | {r['cer']:.3f} | {r['text_ppl']:.2f} "
+        rows.append(f"| {m} | {r['trainable_params']:,} | {r['wer']:.3f} | {r['cer']:.3f} | {r['test_loss']:.3f} "
+                    f"| {r['text_ppl']:.2f} "
                     f"({r['text_ppl_base']:.2f}) | {r['text_kl']:.4f} | {agree} | {r['steps']} |")
     plots = _plots(out, results)
+    speech = (f"{args.units} k-means units" if args.speech_input == "units" else "log-mel features + conv subsampler")
     lines = ["# mdus demo report", "",
-             f"Command: `mdus demo --out {out} --budget-minutes {args.budget_minutes}` (units {args.units} at "
-             f"{args.frame_rate} Hz, {args.n_train} training utterances, route {args.route}).", "", *rows, ""]
+             f"Command: `mdus demo --out {out} --budget-minutes {args.budget_minutes}` (speech input: {speech} at "
+             f"{args.frame_rate} Hz; {args.n_train} training utterances of at most {args.max_words} words"
+             f"{f' from a {args.max_vocab}-word vocabulary' if args.max_vocab else ''}).", "",
+             "WER/CER: greedy decoding of the test split (held-out voices and sentences). Transcript loss: the mean "
+             "next-token loss on the test transcripts given their speech (teacher forcing), which moves long before "
+             "WER does. Text ppl / KL / greedy agreement: the test sentences as plain text, against the untouched "
+             "base model. `@speech_only`: the inserted blocks update speech positions only, so text passes through the "
+             "frozen base exactly.", "", *rows, ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "Examples (test split, first utterances):", ""]
     for m, r in results.items():
