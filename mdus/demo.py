@@ -63,8 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-words", type=int, default=10, help="longest sentence, in words")
     p.add_argument("--max-vocab", type=int, default=600,
                    help="sentences made of the N most frequent words only (0: any fortunes sentence)")
-    p.add_argument("--speech-input", default="units", choices=["units", "features"],
-                   help="discrete k-means units, or log-mel features through a trainable conv subsampler")
+    # Measured (README): after the same 300 steps on the same corpus, features reach a test transcript loss of 3.23
+    # against 3.66 for 200 k-means units, which overfit the training sentences (train loss 0.92).
+    p.add_argument("--speech-input", default="features", choices=["units", "features"],
+                   help="log-mel features through a trainable conv subsampler (default), or k-means units")
     p.add_argument("--units", type=int, default=200, help="k-means speech units")
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second (a divisor of 100)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per packed batch")
