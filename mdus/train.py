@@ -5,8 +5,9 @@ An *example* is ``(units, text)``: speech unit ids (0..K-1) and the transcript's
 ``[text_vocab + units] + text (+ eos)``, trained by next-token prediction on the transcript only (ASR, as in the
 paper). With continuous speech input (a ``LogMelFrontEnd`` and a model with a speech encoder) the units are
 ``ceil(frames / stride)`` placeholder ids 0 and the example also carries its log-mel features, which ``collate``
-pads into ``speech_features``. Sequences are packed without padding into varlen batches of at most ``max_tokens`` tokens
-(``cu_seqlens``), in an order drawn from ``seed + epoch``, so the whole data order is a function of the config.
+pads into ``speech_features``. Sequences are packed without padding into varlen batches of at most
+``max_tokens`` tokens (``cu_seqlens``), in an order drawn from ``seed + epoch``, so the whole data order is a
+function of the config.
 
 **Bit-exact resume.** A checkpoint holds the trainable tensors, the optimizer and scheduler state, every RNG state
 and the position in the data order, and is taken only at step boundaries. On CPU the computation is deterministic,
@@ -350,7 +351,7 @@ def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progr
 
     stream = AudioStream(read_manifest(manifest))
     items = []
-    for utt, wave in tqdm(stream, desc=f"units {Path(manifest).stem}", disable=not progress):
+    for utt, wave in tqdm(stream, desc=f"speech {Path(manifest).stem}", disable=not progress):
         speech = speech_tokenizer.encode(wave)
         text = torch.tensor(text_tokenizer(" " + utt.text.strip(), add_special_tokens=False).input_ids)
         items.append((utt, speech, text))
