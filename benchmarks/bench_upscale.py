@@ -12,6 +12,8 @@ Implementations:
 
 Model: random weights in a SmolLM2 shape: 360M (32 layers, d=960, 15/5 heads) on GPU, 135M (30 layers, d=576,
 9/3 heads) on CPU; vocabulary 49,152 + ``--speech-vocab`` speech units; 25% of the depth inserted, interleaved.
+``--autocast bf16`` runs both implementations' forward and loss under bf16 autocast (the default where
+``mdus.train.fast_bf16`` says bf16 is fast: CUDA, and CPUs with AVX512-BF16/AMX, as ``mdus train`` does).
 Columns: ``tokens/s`` = tokens / ms_p50 * 1e3, ``peak_mem_MB`` (one step, beyond the model and optimizer state
 allocated before it), and for mdus rows ``speedup`` (baseline ms / mdus ms) and ``mem_vs_baseline``. Issue targets
 (GPU): speedup >= 1.5 and mem_vs_baseline <= 0.6.
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mdus
+from mdus.train import fast_bf16
 
 OP = "upscale_train_step"
 SHAPES = {
@@ -39,8 +42,8 @@ SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64),
 }
-TABLE = ("impl", "block", "shape", "tokens", "ms_p50", "tokens/s", "peak_mem_MB", "speedup", "mem_vs_baseline",
-         "status")
+TABLE = ("impl", "block", "shape", "tokens", "autocast", "ms_p50", "tokens/s", "peak_mem_MB", "speedup",
+         "mem_vs_baseline", "status")
 
 
 def build(shape: str, block: str, speech_vocab: int, dtype, device, impl: str):
@@ -58,7 +61,7 @@ def build(shape: str, block: str, speech_vocab: int, dtype, device, impl: str):
     return lm
 
 
-def make_step(lm, impl, tokens, seqs, speech_vocab, device):
+def make_step(lm, impl, tokens, seqs, speech_vocab, device, autocast: bool):
     gen = torch.Generator().manual_seed(1)
     length = tokens // seqs
     rows = []
@@ -80,7 +83,8 @@ def make_step(lm, impl, tokens, seqs, speech_vocab, device):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn()
         loss.backward()
         opt.step()
         return loss
@@ -88,14 +92,15 @@ def make_step(lm, impl, tokens, seqs, speech_vocab, device):
     return step
 
 
-def run_case(shape, block, tokens, seqs, speech_vocab, dtype, device, timing, base):
+def run_case(shape, block, tokens, seqs, speech_vocab, dtype, device, timing, base, autocast=False):
     rows = []
     for impl in ("baseline", "mdus"):
         row = dict(base, impl=impl, block=block, shape=shape, tokens=tokens, seqs=seqs,
+                   autocast="bf16" if autocast else "none",
                    dtype=str(dtype).removeprefix("torch."), status="ok", note="")
         try:
             lm = build(shape, block, speech_vocab, dtype, device, impl)
-            step = make_step(lm, impl, tokens, seqs, speech_vocab, device)
+            step = make_step(lm, impl, tokens, seqs, speech_vocab, device, autocast)
             step()  # allocates the optimizer state outside the measured peak
             t = C.timeit(step, device=device, **timing)
             mem = C.peak_memory(step, device=device)
@@ -127,6 +132,8 @@ def main(argv=None) -> int:
     p.add_argument("--speech-vocab", type=int, default=5000)
     p.add_argument("--out", type=Path, default=C.DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="a 2-layer model, 128 tokens (smoke test)")
+    p.add_argument("--autocast", choices=["bf16", "none"], default=None,
+                   help="bf16 autocast for both implementations (default: where mdus.train.fast_bf16 says it pays)")
     args = p.parse_args(argv)
 
     device = C.resolve_device(args.device)
@@ -138,14 +145,16 @@ def main(argv=None) -> int:
     if args.quick:
         SHAPES["quick"] = dict(SHAPES["smollm2-135m"], num_hidden_layers=2)
         shape, tokens, timing = "quick", 128, dict(warmup=1, rep=2, budget_s=1.0)
+    autocast = fast_bf16(device) if args.autocast is None else args.autocast == "bf16"
     tag = C.device_tag(device)
     env = C.env_info(device)
     base = dict(op=OP, run_id=env["time_utc"], **env)
-    print(f"{OP} benchmark on {env['device']} | torch {env['torch']} | commit {env['commit']} | {dtype}")
+    print(f"{OP} benchmark on {env['device']} | torch {env['torch']} | commit {env['commit']} | {dtype}"
+          f"{' | bf16 autocast' if autocast else ''}")
     all_rows = []
     for block in args.blocks:
         print(f"case {shape} block={block} tokens={tokens}", flush=True)
-        rows = run_case(shape, block, tokens, args.seqs, args.speech_vocab, dtype, device, timing, base)
+        rows = run_case(shape, block, tokens, args.seqs, args.speech_vocab, dtype, device, timing, base, autocast)
         C.append_rows(args.out / f"{tag}.csv", rows)
         all_rows += rows
     print()
