@@ -17,6 +17,10 @@ Steps (each writes into ``OUT``):
 The time budget is shared: what is left after the data goes in equal parts to the methods still to run, 70% of a
 part to training (its step count calibrated from two timed steps, so that the learning-rate schedule completes;
 a hard stop at 80%) and the rest to evaluation.
+
+Nothing is lost to an interruption: SIGINT/SIGTERM during training save a checkpoint and exit with status 130, and
+rerunning the same command into the same ``OUT`` keeps the methods already in ``results.json`` and resumes the
+interrupted one from its checkpoint with its saved schedule (``OUT/<method>/train_config.json``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -146,9 +151,16 @@ def run(args: argparse.Namespace) -> int:
     _, dev_seqs = T.sequences_from_manifest(manifests["dev"], tokenizer, text_tok)
     test_items, test_seqs = T.sequences_from_manifest(manifests["test"], tokenizer, text_tok)
 
+    # A rerun into the same OUT keeps what an interrupted run finished: the methods already in results.json are not
+    # redone, and a method stopped mid-training resumes from its checkpoint with its saved schedule.
+    done = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
     results, lora_target = {}, None
     base_ref, _ = load_base(args.model, device=device)
     for i, (name, (method, route)) in enumerate(zip(args.methods, specs, strict=True)):
+        if name in done:
+            print(f"[3/5] {name}: finished by an earlier run into {out}, kept (use a new --out to redo it)")
+            results[name] = done[name]
+            continue
         # What is left, shared by the methods still to run (so an overrun of one is absorbed by the others).
         per_method = (budget_s - (time.monotonic() - t_start)) / (len(args.methods) - i)
         print(f"[3/5] {name} ({i + 1}/{len(args.methods)}): {per_method / 60:.1f} min for training + evaluation")
@@ -161,19 +173,32 @@ def run(args: argparse.Namespace) -> int:
                             route=route, lora_params=lora_target)
         if method == "dus-transformer" and route == "all":
             lora_target = _count(lm)
-        cfg = T.TrainConfig(lr=_lr(method, args.lr), max_tokens=args.max_tokens, warmup_steps=20, seed=args.seed,
-                            eval_every=0, save_every=50, budget_minutes=per_method * 0.8 / 60)
-        cfg.max_steps = _calibrated_steps(lm, train_seqs, cfg, device, per_method * 0.7)
-        cfg.warmup_steps = max(1, min(cfg.warmup_steps, cfg.max_steps // 10))
-        cfg.eval_every = max(1, cfg.max_steps // 4)
-        summary = T.train(lm, train_seqs, dev_seqs, cfg, out / name, device=device)
-        lm.save_trainable(out / name / "trainable.safetensors")
+        run_dir, cfg_file = out / name, out / name / "train_config.json"
+        resume = (run_dir / "checkpoint.pt").is_file() and cfg_file.is_file()
+        if resume:
+            saved = json.loads(cfg_file.read_text())
+            cfg = T.TrainConfig(**{**saved, "betas": tuple(saved["betas"])})
+            print(f"      resuming {run_dir / 'checkpoint.pt'} ({cfg.max_steps} steps in all)")
+        else:
+            cfg = T.TrainConfig(lr=_lr(method, args.lr), max_tokens=args.max_tokens, warmup_steps=20,
+                                seed=args.seed, eval_every=0, save_every=25, budget_minutes=per_method * 0.8 / 60)
+            cfg.max_steps = _calibrated_steps(lm, train_seqs, cfg, device, per_method * 0.7)
+            cfg.warmup_steps = max(1, min(cfg.warmup_steps, cfg.max_steps // 10))
+            cfg.eval_every = max(1, cfg.max_steps // 4)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            cfg_file.write_text(json.dumps(asdict(cfg), indent=1))
+        summary = T.train(lm, train_seqs, dev_seqs, cfg, run_dir, device=device, resume=resume)
+        if summary["status"] not in ("done", "budget"):  # SIGINT/SIGTERM: saved, stop here
+            print(f"mdus demo: stopped by {summary['status']} at step {summary['step']}; rerun the same command "
+                  f"to continue from {run_dir / 'checkpoint.pt'}")
+            return 130
+        lm.save_trainable(run_dir / "trainable.safetensors")
         print(f"[4/5] {name}: evaluating")
         scores = E.evaluate_model(lm, base_ref, test_items, text_tok, device=device,
                                   max_new_tokens=args.max_new_tokens)
         results[name] = {**scores, "test_loss": T.evaluate_loss(lm, test_seqs, cfg, device),
-                           "trainable_params": _count(lm), "steps": summary["step"],
-                           "train_seconds": summary["elapsed_s"]}
+                         "trainable_params": _count(lm), "steps": summary["step"],
+                         "train_seconds": summary["elapsed_s"]}
         (out / "results.json").write_text(json.dumps(results, indent=2))
         del lm, base
     print("[5/5] report")

@@ -1,12 +1,15 @@
 """`mdus train` end to end on a tiny synthesized corpus and a tiny model with SmolLM2's tokenizer."""
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mdus import train as T
 from mdus.__main__ import main
 
 
@@ -49,3 +52,36 @@ def test_train_cli_and_resume(tiny_setup):
 
 def test_train_cli_missing_corpus(tmp_path):
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+
+
+def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, capsys):
+    """`mdus demo` on a tiny model: a SIGTERM mid-training saves and exits 130; the same command then resumes that
+    method from its checkpoint with its saved schedule, finishes and writes the report; a third run keeps it."""
+    out = tiny_setup / "demo"
+    args = ["demo", "--out", str(out), "--model", str(tiny_setup / "tiny"), "--budget-minutes", "0.5",
+            "--n-train", "8", "--n-dev", "2", "--n-test", "2", "--methods", "dus-transformer@speech_only",
+            "--max-new-tokens", "4"]
+    real_train = T.train
+
+    def interrupted(*a, **kw):
+        kw["on_step"] = lambda step, _: os.kill(os.getpid(), signal.SIGTERM) if step == 2 else None
+        return real_train(*a, **kw)
+
+    monkeypatch.setattr(T, "train", interrupted)
+    assert main(args) == 130
+    assert "stopped by SIGTERM at step 2" in capsys.readouterr().out
+    run = out / "dus-transformer@speech_only"
+    max_steps = json.loads((run / "train_config.json").read_text())["max_steps"]
+    monkeypatch.setattr(T, "train", real_train)
+    assert main(args) == 0
+    assert f"resuming {run / 'checkpoint.pt'} ({max_steps} steps in all)" in capsys.readouterr().out
+    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    assert steps == list(range(1, max_steps + 1))
+    results = json.loads((out / "results.json").read_text())
+    r = results["dus-transformer@speech_only"]
+    assert r["steps"] == max_steps and r["text_kl"] == pytest.approx(0.0, abs=1e-6)  # speech_only keeps the text
+    assert {"wer", "cer", "text_ppl", "text_ppl_base", "trainable_params", "test_loss"} <= set(r)
+    assert "| dus-transformer@speech_only |" in (out / "report.md").read_text()
+    assert main(args) == 0
+    assert "finished by an earlier run" in capsys.readouterr().out
+    assert json.loads((out / "results.json").read_text()) == results
