@@ -36,11 +36,12 @@ def tiny_setup(tmp_path_factory):
     return root
 
 
-def test_train_cli_and_resume(tiny_setup):
-    out = tiny_setup / "run"
+@pytest.mark.parametrize("speech_input", ["units", "features"])
+def test_train_cli_and_resume(tiny_setup, speech_input):
+    out = tiny_setup / f"run_{speech_input}"
     args = ["train", "--data", str(tiny_setup / "corpus"), "--out", str(out), "--model", str(tiny_setup / "tiny"),
-            "--method", "dus-ebranchformer", "--units", "8", "--max-steps", "4", "--max-tokens", "512",
-            "--eval-every", "2", "--save-every", "2", "--no-progress"]
+            "--method", "dus-ebranchformer", "--speech-input", speech_input, "--units", "8", "--max-steps", "4",
+            "--max-tokens", "512", "--eval-every", "2", "--save-every", "2", "--no-progress"]
     assert main(args) == 0
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [1, 2, 3, 4] and "dev_loss" in lines[1]
@@ -48,6 +49,8 @@ def test_train_cli_and_resume(tiny_setup):
         assert (out / name).is_file(), name
     assert main(args + ["--resume"]) == 0  # already finished: nothing to redo, nothing lost
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+    kind = json.loads((out / "tokenizer" / "tokenizer.json").read_text())["kind"]
+    assert kind == {"units": "kmeans", "features": "logmel_features"}[speech_input]
 
 
 def test_train_cli_missing_corpus(tmp_path):
