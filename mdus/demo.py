@@ -91,15 +91,14 @@ def _lr(method: str, override: float | None) -> float:
 
 def _calibrated_steps(lm, seqs, cfg, device, seconds: float) -> int:
     """How many steps fit in ``seconds``: times two forward+backward passes on a typical batch (no update)."""
-    from mdus.train import collate, epoch_batches, fast_bf16
+    from mdus.train import autocast, collate, epoch_batches
 
     batch = epoch_batches([s[0].shape[0] for s in seqs], 0, cfg)[0]
     b = collate([seqs[i] for i in batch], device)
     lm.to(device).train()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast_bf16(device))  # as train() runs
     t0 = time.monotonic()
     for _ in range(2):
-        with autocast:
+        with autocast(cfg, device):  # as train() runs
             loss = lm(**b).loss
         loss.backward()
     per_step = (time.monotonic() - t0) / 2 * 1.15  # + optimizer step and logging
