@@ -4,7 +4,10 @@
 a-z, 0-9 and an apostrophe inside a word becomes a space; whitespace collapsed. So "Hello, World!" and "hello
 world" match, and "don't" stays one word.
 
-**Text degradation** on held-out text, with the base model (a separately loaded, untouched copy) as reference:
+**Text degradation** on held-out text, with the base model (a separately loaded, untouched copy) as reference. Two
+texts: general English the corpus never spoke (``general_text``: whole ``fortunes`` passages that contain no
+training sentence), which is what an LLM's text abilities rest on and what the ``text_*`` numbers measure, and the
+test transcripts as plain text (``transcript_*``), the in-domain text that training on transcripts moves toward.
 * ``text_ppl`` / ``text_ppl_base``: perplexity of the model / the base on the text's next tokens;
 * ``text_kl``: mean per-token KL(base ‖ model) of the next-token distributions;
 * the model's distributions are taken over the text vocabulary (its logits renormalized without the speech rows),
@@ -184,37 +187,61 @@ def _greedy_base(base, prompt: torch.Tensor, n: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- a whole test split
 
 
-def evaluate_model(lm, base, test_items, text_tokenizer, *, device=None, max_new_tokens: int = 48,
-                   n_continuations: int = 10, progress: bool = True) -> dict:
+def general_text(exclude=(), *, n: int = 40, seed: int = 0) -> list[str]:
+    """``n`` general English passages a corpus never spoke: a seeded sample of ``mdus.data.fortune_passages``
+    without any passage that contains a sentence of ``exclude`` (pass the training transcripts)."""
+    import random
+
+    from mdus.data.synth import fortune_passages
+
+    passages = fortune_passages(exclude=exclude)
+    return random.Random(seed).sample(passages, min(n, len(passages)))
+
+
+def evaluate_model(lm, base, test_items, text_tokenizer, *, general=None, device=None, max_new_tokens: int = 48,
+                   n_continuations: int = 10, max_text_tokens: int = 96, progress: bool = True) -> dict:
     """ASR and text degradation of ``lm`` on a test split, against ``base`` (an untouched copy of its base model).
 
     ``test_items`` are ``(utterance, speech, text ids)`` as ``mdus.train.sequences_from_manifest`` returns them
-    (its first value; speech = unit ids or log-mel features); ``utterance.text`` is the reference. Steps:
+    (its first value; speech = unit ids or log-mel features); ``utterance.text`` is the reference. ``general``
+    is held-out general text (strings, e.g. ``general_text(training transcripts)``). Steps:
 
     * ASR: greedy decoding (``transcribe``, at most ``max_new_tokens`` tokens) from each utterance's speech,
       scored by ``error_rates``;
-    * text degradation (``text_degradation``): the references as plain text (their token ids without special
-      tokens), with the first half (at least 2 tokens) of the first ``n_continuations`` of them as greedy
-      continuation prompts.
+    * text degradation (``text_degradation``) on each text as plain token ids (no special tokens, at most
+      ``max_text_tokens`` of each), with the first half (2 to 16 tokens) of the first ``n_continuations`` texts
+      as greedy continuation prompts: ``text_*`` and ``greedy_agreement`` on ``general`` (on the references
+      when ``general`` is None), ``transcript_ppl``, ``transcript_ppl_base`` and ``transcript_kl`` on the
+      references.
 
     ``device`` defaults to that of ``lm``'s parameters. Returns ``{"wer", "cer", "text_ppl", "text_ppl_base",
-    "text_kl", "greedy_agreement", "examples"}``, ``examples`` being the first five ``{"ref", "hyp"}`` pairs and
-    ``greedy_agreement`` None when ``n_continuations`` is 0.
+    "text_kl", "greedy_agreement", "transcript_ppl", "transcript_ppl_base", "transcript_kl", "examples"}``,
+    ``examples`` being the first five ``{"ref", "hyp"}`` pairs and ``greedy_agreement`` None when
+    ``n_continuations`` is 0.
     """
     if not test_items:
         raise ValueError("evaluate_model needs at least one test item")
+    if general is not None and not any(t.strip() for t in general):
+        raise ValueError("evaluate_model: general holds no text (give None to use the test transcripts)")
     device = torch.device(device) if device is not None else next(lm.parameters()).device
     refs = [utt.text for utt, _, _ in test_items]
     hyps = transcribe(lm, [speech.to(device) for _, speech, _ in test_items], text_tokenizer,
                       max_new_tokens=max_new_tokens, progress=progress)
     rates = error_rates(refs, hyps)
-    # Held-out text for degradation: the test transcripts (never trained on) as plain text.
-    held = [torch.tensor(text_tokenizer(r, add_special_tokens=False).input_ids, dtype=torch.long) for r in refs]
-    prompts = [t[: max(2, t.numel() // 2)] for t in held[:n_continuations]]
-    deg = text_degradation(lm, base, [t.to(device) for t in held], continuation_prompts=[p.to(device) for p in prompts])
+
+    def degradation(texts, continuations):
+        ids = [torch.tensor(text_tokenizer(t, add_special_tokens=False).input_ids[:max_text_tokens],
+                            dtype=torch.long, device=device) for t in texts]
+        prompts = [t[: min(16, max(2, t.numel() // 2))] for t in ids[:continuations]]
+        return text_degradation(lm, base, ids, continuation_prompts=prompts)
+
+    # The transcripts were never trained on, but they are the training domain.
+    in_domain = degradation(refs, 0 if general is not None else n_continuations)
+    deg = degradation(general, n_continuations) if general is not None else in_domain
     return {"wer": rates["wer"], "cer": rates["cer"], "text_ppl": deg["text_ppl"],
             "text_ppl_base": deg["text_ppl_base"], "text_kl": deg["text_kl"],
-            "greedy_agreement": deg.get("greedy_agreement"),
+            "greedy_agreement": deg.get("greedy_agreement"), "transcript_ppl": in_domain["text_ppl"],
+            "transcript_ppl_base": in_domain["text_ppl_base"], "transcript_kl": in_domain["text_kl"],
             "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps, strict=True))[:5]]}
 
 
@@ -233,6 +260,9 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="longest transcript decoded (tokens)")
     p.add_argument("--out", type=Path, default=None, help="also write the metrics JSON to this file")
+    p.add_argument("--general-passages", type=int, default=40, metavar="N",
+                   help="general English passages for text degradation: fortunes the corpus (DATA/train.jsonl) "
+                        "never spoke (default 40; 0: the test transcripts only)")
     p.add_argument("--lm-eval", default=None, metavar="TASKS",
                    help="comma-separated lm-eval-harness tasks to run on the text side (needs lm-eval)")
     p.add_argument("--lm-eval-limit", type=float, default=None, metavar="N",
@@ -303,8 +333,18 @@ def run(args) -> int:
     if not items:
         print(f"mdus eval: --data/--split: {manifest} has no readable utterance")
         return 2
-    metrics = evaluate_model(lm, base_ref, items, text_tok, device=device, max_new_tokens=args.max_new_tokens,
-                             progress=progress)
+    general = None
+    if args.general_passages > 0:
+        from mdus.data.readers import read_manifest
+
+        train = args.data / "train.jsonl"
+        spoken = [u.text for u in read_manifest(train)] if train.is_file() else []
+        try:
+            general = general_text(spoken, n=args.general_passages)
+        except FileNotFoundError as exc:
+            print(f"mdus eval: no general text ({_first_line(exc)}); text degradation uses the test transcripts")
+    metrics = evaluate_model(lm, base_ref, items, text_tok, general=general, device=device,
+                             max_new_tokens=args.max_new_tokens, progress=progress)
     result = {"weights": str(weights), "manifest": str(manifest), "utterances": len(items), **metrics}
     if args.lm_eval:
         from mdus.harness import run_lm_eval

@@ -16,6 +16,7 @@ from mdus.data import (
     BadAudio,
     Utterance,
     available_voices,
+    fortune_passages,
     fortune_sentences,
     load_audio,
     read_corpus,
@@ -176,6 +177,32 @@ def test_fortune_sentences_are_clean_single_sentences():
     assert not keys["train"] & keys["dev"] and not keys["train"] & keys["test"] and not keys["dev"] & keys["test"]
     with pytest.raises(ValueError, match="distinct sentences"):
         split_sentences(sentences[:10], seed=0, n_dev=5, n_test=5)
+
+
+def test_fortune_passages(tmp_path):
+    long_a = "It was a dark and stormy night; the rain fell in torrents, except at occasional intervals."
+    long_b = "Once upon a time there lived a king who had three daughters, and the youngest was the fairest."
+    (tmp_path / "tales").write_text(f"Short one.\n%\n{long_a}\n\t-- Someone\n%\n{long_b}\n%\n{long_a.upper()}\n%\n"
+                                    "Caf\u00e9 au lait is served here in the morning with bread and jam today.\n%\n")
+    (tmp_path / "ascii-art").write_text(long_b.replace("king", "queen") + "\n")  # a skipped file
+    assert fortune_passages(tmp_path, min_words=10) == [long_a, long_b]  # attribution gone, case-blind dedup
+    # A passage holding a training sentence (compared case- and punctuation-blind, on word boundaries) is dropped.
+    assert fortune_passages(tmp_path, min_words=10, exclude=["THE RAIN fell in torrents!"]) == [long_b]
+    assert fortune_passages(tmp_path, min_words=10, exclude=["rain fell in torrent"]) == [long_a, long_b]
+    assert fortune_passages(tmp_path, min_words=18) == [long_b]
+    with pytest.raises(FileNotFoundError, match="fortunes"):
+        fortune_passages(tmp_path / "missing")
+
+
+@needs_fortunes
+def test_fortune_passages_never_hold_corpus_sentences():
+    spoken = fortune_sentences(max_words=10)[::7]
+    passages = fortune_passages(exclude=spoken)
+    assert 1000 < len(passages) < len(fortune_passages())
+    keys = [f" {_dedupe_key(s)} " for s in spoken]
+    for p in passages:
+        assert len(p.split()) >= 40 and p.isascii()
+        assert not any(k in f" {_dedupe_key(p)} " for k in keys)
 
 
 def test_text_file_sentences(tmp_path):

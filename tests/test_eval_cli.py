@@ -19,10 +19,14 @@ from mdus import evaluate as E
 from mdus import harness
 from mdus.__main__ import main
 from mdus.data.readers import Utterance
+from mdus.data.synth import FORTUNES_DIR
 
 SENTENCES = ["the cat sat on the mat", "a dog ran home", "we like green tea", "it is cold today",
              "birds sing at dawn", "open the door please"]
-METRIC_KEYS = {"wer", "cer", "text_ppl", "text_ppl_base", "text_kl", "greedy_agreement", "examples"}
+METRIC_KEYS = {"wer", "cer", "text_ppl", "text_ppl_base", "text_kl", "greedy_agreement", "transcript_ppl",
+               "transcript_ppl_base", "transcript_kl", "examples"}
+GENERAL = ["Far out in the uncharted backwaters of the galaxy lies a small sun.",
+           "Time flies like an arrow; fruit flies like a banana.", "x"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -93,8 +97,30 @@ def test_evaluate_model_matches_its_parts():
     assert out["wer"] == rates["wer"] and out["cer"] == rates["cer"]
     assert out["examples"] == [{"ref": u.text, "hyp": h} for (u, _, _), h in zip(items[:5], hyps[:5], strict=True)]
     assert out["text_kl"] > 1e-4 and 0.0 <= out["greedy_agreement"] <= 1.0
+    # Without general text, both degradations are the transcripts' own.
+    ids = lambda texts: [torch.tensor(TOK(t, add_special_tokens=False).input_ids[:96]) for t in texts]
+    on_refs = E.text_degradation(lm, ref, ids(u.text for u, _, _ in items))
+    assert out["text_kl"] == out["transcript_kl"] == pytest.approx(on_refs["text_kl"], rel=1e-6)
+    assert out["transcript_ppl_base"] == pytest.approx(on_refs["text_ppl_base"], rel=1e-6)
     none = E.evaluate_model(lm, ref, items[:2], TOK, max_new_tokens=2, n_continuations=0, progress=False)
     assert none["greedy_agreement"] is None
+
+
+def test_evaluate_model_general_text():
+    lm, ref = upscaled(perturb=0.3)
+    items = make_items(3)
+    out = E.evaluate_model(lm, ref, items, TOK, general=GENERAL, max_new_tokens=4, n_continuations=2,
+                           max_text_tokens=40, progress=False)
+    ids = [torch.tensor(TOK(t, add_special_tokens=False).input_ids[:40]) for t in GENERAL]
+    want = E.text_degradation(lm, ref, ids, continuation_prompts=[t[:16] for t in ids[:2]])
+    for key in ("text_ppl", "text_ppl_base", "text_kl", "greedy_agreement"):
+        assert out[key] == pytest.approx(want[key], rel=1e-6), key
+    on_refs = E.text_degradation(lm, ref, [torch.tensor(TOK(u.text, add_special_tokens=False).input_ids)
+                                           for u, _, _ in items])
+    assert out["transcript_kl"] == pytest.approx(on_refs["text_kl"], rel=1e-6)
+    assert out["transcript_kl"] != pytest.approx(out["text_kl"], rel=1e-3)
+    with pytest.raises(ValueError, match="general"):
+        E.evaluate_model(lm, ref, items, TOK, general=["  "], progress=False)
 
 
 def test_evaluate_model_identity_at_init():
@@ -102,6 +128,9 @@ def test_evaluate_model_identity_at_init():
     out = E.evaluate_model(lm, ref, make_items(3), TOK, device="cpu", max_new_tokens=4, progress=False)
     assert out["text_kl"] == pytest.approx(0.0, abs=1e-6)
     assert out["text_ppl"] == pytest.approx(out["text_ppl_base"], rel=1e-5)
+    assert out["greedy_agreement"] == 1.0
+    out = E.evaluate_model(lm, ref, make_items(3), TOK, general=GENERAL, max_new_tokens=4, progress=False)
+    assert out["text_kl"] == pytest.approx(0.0, abs=1e-6) and out["transcript_kl"] == pytest.approx(0.0, abs=1e-6)
     assert out["greedy_agreement"] == 1.0
 
 
@@ -147,6 +176,8 @@ def test_eval_cli_end_to_end(corpus_and_model, tmp_path, capsys, monkeypatch):
     assert json.loads(printed[printed.index("{"):]) == result
     assert [ex["ref"] for ex in result["examples"]] == SENTENCES[:3]
     assert result["text_ppl"] > 0 and result["wer"] >= 0
+    if FORTUNES_DIR.is_dir():  # general text: fortunes passages, so a degradation apart from the transcripts'
+        assert result["text_kl"] != pytest.approx(result["transcript_kl"], rel=1e-3)
 
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not safetensors")

@@ -2,6 +2,8 @@
 
 * ``synthesize(out_dir, n_train=..., n_dev=..., n_test=..., seed=...)``: English sentences from Debian's
   ``fortunes`` spoken by espeak-ng and flite in many voices, with held-out voices and sentences for dev/test.
+* ``fortune_passages(exclude=...)``: whole fortunes as general English text a corpus never spoke (for text
+  degradation).
 * ``read_corpus(path)``: ``Utterance`` records from a JSONL manifest, a LibriSpeech folder or (audio, txt) pairs.
 * ``load_audio(path)`` / ``AudioStream(utterances)``: 16 kHz mono waveforms; bad files are skipped and counted.
 
@@ -12,6 +14,7 @@ from mdus.data.audio import SAMPLE_RATE, AudioStream, BadAudio, load_audio, resa
 from mdus.data.readers import Utterance, read_corpus, read_librispeech, read_manifest, read_pairs, write_manifest
 from mdus.data.synth import (
     available_voices,
+    fortune_passages,
     fortune_sentences,
     split_sentences,
     split_voices,
@@ -19,6 +22,6 @@ from mdus.data.synth import (
     text_file_sentences,
 )
 
-__all__ = ["SAMPLE_RATE", "AudioStream", "BadAudio", "Utterance", "available_voices", "fortune_sentences",
-           "load_audio", "read_corpus", "read_librispeech", "read_manifest", "read_pairs", "resample",
-           "split_sentences", "split_voices", "synthesize", "text_file_sentences", "write_manifest"]
+__all__ = ["SAMPLE_RATE", "AudioStream", "BadAudio", "Utterance", "available_voices", "fortune_passages",
+           "fortune_sentences", "load_audio", "read_corpus", "read_librispeech", "read_manifest", "read_pairs",
+           "resample", "split_sentences", "split_voices", "synthesize", "text_file_sentences", "write_manifest"]

@@ -123,6 +123,36 @@ def fortune_sentences(root=None, *, min_words: int = 3, max_words: int = 20) -> 
     return out
 
 
+def fortune_passages(root=None, *, min_words: int = 40, exclude=()) -> list[str]:
+    """Whole ``fortunes`` entries of at least ``min_words`` words as running English text, for text degradation.
+
+    Each ``%``-separated entry loses its attribution lines and has its whitespace normalized; ASCII entries are kept,
+    deduplicated, in file order, except any that contains a sentence of ``exclude`` (compared as ``_dedupe_key``
+    spells them, on word boundaries). Passing a corpus's transcripts as ``exclude`` gives general text the corpus
+    never spoke. About 2,300 passages at the defaults.
+
+    Example:
+        >>> fortune_passages(exclude=["It's the truth."])[0][:40]      # doctest: +SKIP
+        '7:30, Channel 5: The Bionic Dog (Action/'
+    """
+    root = Path(root) if root is not None else FORTUNES_DIR
+    if not root.is_dir():
+        raise FileNotFoundError(f"no fortunes at {root}: install Debian's `fortunes` package (scripts/setup.sh)")
+    banned = {f" {_dedupe_key(s)} " for s in exclude} - {"  "}
+    out, seen = [], set()
+    for p in sorted(p for p in root.iterdir() if p.is_file() and not p.suffix and p.name not in _SKIP_FORTUNE_FILES):
+        raw = p.read_bytes().decode("utf-8", errors="replace")
+        for entry in re.split(r"^%\s*$", raw, flags=re.M):
+            text = " ".join(" ".join(ln for ln in entry.splitlines() if not _ATTRIBUTION.match(ln)).split())
+            key = f" {_dedupe_key(text)} "
+            if (len(text.split()) < min_words or not text.isascii() or key in seen
+                    or any(b in key for b in banned)):
+                continue
+            seen.add(key)
+            out.append(text)
+    return out
+
+
 def text_file_sentences(paths, *, min_words: int = 3, max_words: int = 20) -> list[str]:
     """One sentence per non-blank line of each text file, whitespace-normalized, deduplicated, in file order.
 
