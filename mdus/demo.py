@@ -15,13 +15,14 @@ Steps (each writes into ``OUT``):
 5. ``OUT/results.json`` (method -> wer, cer, text_ppl, text_ppl_base, text_kl, trainable_params, ...) and
    ``OUT/report.md`` with a table and PNG plots.
 
-The time budget is shared: what is left after the data goes in equal parts to the methods still to run, 70% of a
-part to training (its step count calibrated from two timed steps, so that the learning-rate schedule completes;
-a hard stop at 80%) and the rest to evaluation.
+Every method trains the same number of steps on the same batches in the same order, with the same learning rates
+(``--lr`` for what text passes through, ``--speech-lr`` for the speech embeddings and front end) and schedule, as
+the paper compares them. The step count fills 70% of the budget left after the data, from each method's timed
+training step (``OUT/schedule.json``); the rest goes to evaluation.
 
 Nothing is lost to an interruption: SIGINT/SIGTERM during training save a checkpoint and exit with status 130, and
 rerunning the same command into the same ``OUT`` keeps the methods already in ``results.json`` and resumes the
-interrupted one from its checkpoint with its saved schedule (``OUT/<method>/train_config.json``).
+interrupted one from its checkpoint with its saved configuration (``OUT/<method>/train_config.json``).
 """
 
 from __future__ import annotations
@@ -77,34 +78,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second (a divisor of 100)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per packed batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest transcript decoded")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default per method)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="peak learning rate of what text passes through, the same for every method (default 1e-4, "
+                        "the paper's): inserted blocks, LoRA adapters, full fine-tuning's weights")
+    p.add_argument("--speech-lr", type=float, default=2e-3,
+                   help="peak learning rate of the speech embeddings and front end, which every method trains "
+                        "from scratch (default 2e-3)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
 
 
-def _lr(method: str, override: float | None) -> float:
-    if override is not None:
-        return override
-    # New blocks and speech rows start from scratch and take a large rate; full fine-tuning moves pretrained
-    # weights and needs a small one (the usual choices of each recipe).
-    return {"full-ft": 1e-4, "lora": 1e-3}.get(method, 2e-3)
-
-
-def _calibrated_steps(lm, seqs, cfg, device, seconds: float) -> int:
-    """How many steps fit in ``seconds``: times two forward+backward passes on a typical batch (no update)."""
+def _step_seconds(lm, seqs, cfg, device) -> float:
+    """Seconds per training step of ``lm``: two timed steps (forward, backward, clipping and an AdamW update at
+    learning rate 0, which leaves every weight as it was) after an untimed warm-up step, on a typical batch."""
     from mdus.train import autocast, collate, epoch_batches
 
     batch = epoch_batches([s[0].shape[0] for s in seqs], 0, cfg)[0]
     b = collate([seqs[i] for i in batch], device)
     lm.to(device).train()
-    t0 = time.monotonic()
-    for _ in range(2):
+    params = [p for p in lm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
+    for i in range(3):
+        if i == 1:
+            t0 = time.monotonic()
         with autocast(cfg, device):  # as train() runs
             loss = lm(**b).loss
         loss.backward()
-    per_step = (time.monotonic() - t0) / 2 * 1.15  # + optimizer step and logging
-    lm.zero_grad(set_to_none=True)
-    return max(5, int(seconds / per_step))
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.monotonic() - t0) / 2 * 1.05  # + logging and the periodic dev loss
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,37 +160,57 @@ def run(args: argparse.Namespace) -> int:
     # A rerun into the same OUT keeps what an interrupted run finished: the methods already in results.json are not
     # redone, and a method stopped mid-training resumes from its checkpoint with its saved schedule.
     done = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
-    results, lora_target = {}, None
-    base_ref, _ = load_base(args.model, device=device)
+    lora_target = None
+    if any(m == "lora" for m, _ in specs):  # match the up-scaled model even if it is not in the run
+        lora_target = _count(T.build_method(load_base(args.model)[0], "dus-transformer",
+                                            speech_vocab_size=tokenizer.vocab_size, speech_encoder=encoder))
+
+    def build(method: str, route: str):
+        base, _ = load_base(args.model, device=device)
+        torch.manual_seed(args.seed)
+        return T.build_method(base, method, speech_vocab_size=tokenizer.vocab_size, speech_encoder=encoder,
+                              route=route, lora_params=lora_target)
+
+    def config(max_steps: int, budget_s: float) -> T.TrainConfig:
+        return T.TrainConfig(lr=args.lr, speech_lr=args.speech_lr, max_tokens=args.max_tokens, seed=args.seed,
+                             max_steps=max_steps, warmup_steps=max(1, min(20, max_steps // 10)),
+                             eval_every=max(1, max_steps // 4), save_every=25, budget_minutes=budget_s / 60)
+
+    # Every method trains for the same steps on the same batches in the same order, with the same schedule (the
+    # paper's comparison): the step count is what fits 70% of the budget left, timed on each method's real step.
+    todo = [(n, s) for n, s in zip(args.methods, specs, strict=True) if n not in done]
+    schedule_file = out / "schedule.json"
+    schedule = json.loads(schedule_file.read_text()) if schedule_file.is_file() else {"step_seconds": {}}
+    missing = [(n, s) for n, s in todo if n not in schedule["step_seconds"]]
+    if missing:
+        print(f"[3/5] timing a training step of {', '.join(n for n, _ in missing)}")
+        for name, (method, route) in missing:
+            lm = build(method, route)
+            schedule["step_seconds"][name] = _step_seconds(lm, train_seqs, config(1, budget_s), device)
+            del lm
+    if "max_steps" not in schedule:
+        left = budget_s - (time.monotonic() - t_start)
+        per_step = sum(schedule["step_seconds"][n] for n, _ in todo)
+        schedule["max_steps"] = max(5, int(0.7 * left / max(per_step, 1e-9)))
+        print(f"      {schedule['max_steps']} steps per method ({per_step:.2f} s per step of all methods together)")
+    schedule_file.write_text(json.dumps(schedule, indent=1))
+
+    results, base_ref = {}, None
     for i, (name, (method, route)) in enumerate(zip(args.methods, specs, strict=True)):
         if name in done:
             print(f"[3/5] {name}: finished by an earlier run into {out}, kept (use a new --out to redo it)")
             results[name] = done[name]
             continue
-        # What is left, shared by the methods still to run (so an overrun of one is absorbed by the others).
-        per_method = (budget_s - (time.monotonic() - t_start)) / (len(args.methods) - i)
-        print(f"[3/5] {name} ({i + 1}/{len(args.methods)}): {per_method / 60:.1f} min for training + evaluation")
-        base, _ = load_base(args.model, device=device)
-        torch.manual_seed(args.seed)
-        if method == "lora" and lora_target is None:  # match the up-scaled model even if it is not in the run
-            lora_target = _count(T.build_method(load_base(args.model)[0], "dus-transformer",
-                                                speech_vocab_size=tokenizer.vocab_size, speech_encoder=encoder))
-        lm = T.build_method(base, method, speech_vocab_size=tokenizer.vocab_size, speech_encoder=encoder,
-                            route=route, lora_params=lora_target)
-        if method == "dus-transformer" and route == "all":
-            lora_target = _count(lm)
+        print(f"[3/5] {name} ({i + 1}/{len(args.methods)}): {schedule['max_steps']} steps")
+        lm = build(method, route)
         run_dir, cfg_file = out / name, out / name / "train_config.json"
         resume = (run_dir / "checkpoint.pt").is_file() and cfg_file.is_file()
         if resume:
             saved = json.loads(cfg_file.read_text())
             cfg = T.TrainConfig(**{**saved, "betas": tuple(saved["betas"])})
             print(f"      resuming {run_dir / 'checkpoint.pt'} ({cfg.max_steps} steps in all)")
-        else:
-            cfg = T.TrainConfig(lr=_lr(method, args.lr), max_tokens=args.max_tokens, warmup_steps=20,
-                                seed=args.seed, eval_every=0, save_every=25, budget_minutes=per_method * 0.8 / 60)
-            cfg.max_steps = _calibrated_steps(lm, train_seqs, cfg, device, per_method * 0.7)
-            cfg.warmup_steps = max(1, min(cfg.warmup_steps, cfg.max_steps // 10))
-            cfg.eval_every = max(1, cfg.max_steps // 4)
+        else:  # a hard stop at twice the expected time, should a step turn out far slower than timed
+            cfg = config(schedule["max_steps"], 2 * schedule["max_steps"] * schedule["step_seconds"][name] + 60)
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg_file.write_text(json.dumps(asdict(cfg), indent=1))
         summary = T.train(lm, train_seqs, dev_seqs, cfg, run_dir, device=device, resume=resume)
@@ -195,13 +220,15 @@ def run(args: argparse.Namespace) -> int:
             return 130
         lm.save_trainable(run_dir / "trainable.safetensors")
         print(f"[4/5] {name}: evaluating")
+        if base_ref is None:
+            base_ref, _ = load_base(args.model, device=device)
         scores = E.evaluate_model(lm, base_ref, test_items, text_tok, general=general, device=device,
                                   max_new_tokens=args.max_new_tokens)
         results[name] = {**scores, "test_loss": T.evaluate_loss(lm, test_seqs, cfg, device),
                          "trainable_params": _count(lm), "steps": summary["step"],
                          "train_seconds": summary["elapsed_s"]}
         (out / "results.json").write_text(json.dumps(results, indent=2))
-        del lm, base
+        del lm
     print("[5/5] report")
     write_report(out, results, args)
     print(f"done in {(time.monotonic() - t_start) / 60:.1f} min: {out / 'report.md'}")
@@ -227,7 +254,9 @@ def write_report(out: Path, results: dict, args) -> None:
     lines = ["# mdus demo report", "",
              f"Command: `mdus demo --out {out} --budget-minutes {args.budget_minutes}` (speech input: {speech} at "
              f"{args.frame_rate} Hz; {args.n_train} training utterances of at most {args.max_words} words"
-             f"{f' from a {args.max_vocab}-word vocabulary' if args.max_vocab else ''}).", "",
+             f"{f' from a {args.max_vocab}-word vocabulary' if args.max_vocab else ''}; every method: the same "
+             f"steps and batches, peak learning rate {args.lr:g} for what text passes through and "
+             f"{args.speech_lr:g} for the speech embeddings and front end).", "",
              "WER/CER: greedy decoding of the test split (held-out voices and sentences). Transcript loss: the mean "
              "next-token loss on the test transcripts given their speech (teacher forcing), which moves long before "
              "WER does. Text ppl / KL / greedy agreement: general English the corpus never spoke (40 fortunes "

@@ -176,9 +176,11 @@ def _greedy_base(base, prompt: torch.Tensor, n: int) -> torch.Tensor:
     which the model's decoding may pick, and so count disagreements at identical distributions)."""
     from transformers import DynamicCache
 
+    from mdus.upscale import cache_kwarg
+
     cache, step, out = DynamicCache(), prompt.reshape(1, -1), []
     for _ in range(n):
-        nxt = int(base(step, past_key_values=cache, use_cache=True).logits[0, -1].argmax())
+        nxt = int(base(step, **{cache_kwarg(type(base)): cache}, use_cache=True).logits[0, -1].argmax())
         out.append(nxt)
         step = torch.tensor([[nxt]], device=prompt.device)
     return torch.tensor(out, dtype=torch.long)

@@ -39,6 +39,7 @@ METHODS = ("dus-transformer", "dus-ebranchformer", "full-ft", "lora")
 @dataclass
 class TrainConfig:
     lr: float = 1e-3
+    speech_lr: float | None = None     # peak rate of the speech input (SpeechLM.speech_input_parameters); None: lr
     min_lr_ratio: float = 0.2          # decay to lr * min_lr_ratio (the paper: 1e-4 -> 2e-5)
     warmup_steps: int = 20
     max_steps: int = 200
@@ -146,6 +147,17 @@ def epoch_batches(lengths, epoch: int, cfg: TrainConfig) -> list[list[int]]:
     return pack(lengths, torch.randperm(len(lengths), generator=g).tolist(), cfg.max_tokens)
 
 
+def _param_groups(lm, params: list, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: the speech input at ``cfg.speech_lr``, everything else (what text passes through: inserted
+    blocks, adapters, base weights) at ``cfg.lr``. Empty groups are left out; the order is fixed (checkpoints)."""
+    if cfg.speech_lr is None or not hasattr(lm, "speech_input_parameters"):
+        return [{"params": params, "lr": cfg.lr}]
+    speech = {id(p) for p in lm.speech_input_parameters()}
+    groups = [{"params": [p for p in params if id(p) not in speech], "lr": cfg.lr},
+              {"params": [p for p in params if id(p) in speech], "lr": cfg.speech_lr}]
+    return [g for g in groups if g["params"]]
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
     if step < cfg.warmup_steps:
@@ -213,7 +225,11 @@ def load_checkpoint(path: Path, lm: SpeechLM, opt, sched) -> dict:
     with torch.no_grad():
         for name, value in ckpt["trainable"].items():
             params[name].copy_(value)
-    opt.load_state_dict(ckpt["optimizer"])
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+    except ValueError as e:  # e.g. speech_lr set in one run and not the other: a different number of groups
+        raise ValueError(f"checkpoint {path} was written with other optimizer parameter groups (TrainConfig.lr / "
+                         f"speech_lr must match the interrupted run's): {e}") from None
     sched.load_state_dict(ckpt["scheduler"])
     _set_rng_state(ckpt["rng"])
     return ckpt["state"]
@@ -283,7 +299,8 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
     params = [p for p in lm.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(_param_groups(lm, params, cfg), lr=cfg.lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     lengths = [s[0].shape[0] for s in train_seqs]
     state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "elapsed_s": 0.0}
@@ -388,7 +405,10 @@ def add_arguments(p) -> None:
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second")
     p.add_argument("--lora-params", type=int, default=None, help="lora: match this trainable-parameter count")
     p.add_argument("--max-steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="peak learning rate of what text passes through (inserted blocks, adapters, base weights)")
+    p.add_argument("--speech-lr", type=float, default=None,
+                   help="peak learning rate of the speech embeddings and front end (default: --lr)")
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=50)
@@ -432,9 +452,9 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     lm = build_method(base, args.method, speech_vocab_size=speech_tok.vocab_size, route=args.route,
                       lora_params=args.lora_params, speech_encoder=speech_encoder_config(speech_tok))
-    cfg = TrainConfig(lr=args.lr, max_steps=args.max_steps, max_tokens=args.max_tokens, grad_accum=args.grad_accum,
-                      eval_every=args.eval_every, save_every=args.save_every, seed=args.seed,
-                      budget_minutes=args.budget_minutes, progress=progress,
+    cfg = TrainConfig(lr=args.lr, speech_lr=args.speech_lr, max_steps=args.max_steps, max_tokens=args.max_tokens,
+                      grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
+                      seed=args.seed, budget_minutes=args.budget_minutes, progress=progress,
                       warmup_steps=max(1, min(20, args.max_steps // 10)))
     summary = train(lm, train_seqs, dev_seqs, cfg, args.out, resume=args.resume, device=device)
     lm.save_trainable(args.out / "trainable.safetensors")

@@ -15,6 +15,8 @@ training loss is ``mdus_kernels.linear_cross_entropy`` over (frozen text rows, t
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -188,6 +190,12 @@ class SpeechLM(nn.Module):
             return self.speech_out
         return None if self.speech_embed is None else self.speech_embed.weight
 
+    def speech_input_parameters(self) -> list[nn.Parameter]:
+        """The speech rows and front end every method trains from scratch: the speech embeddings, their untied
+        output rows and the conv subsampler (whichever exist)."""
+        params = [p for m in (self.speech_embed, self.speech_encoder) if m is not None for p in m.parameters()]
+        return params + ([self.speech_out] if self.speech_out is not None else [])
+
     # ----------------------------------------------------------------------------------------------- structure
 
     def _set_trainable(self) -> None:
@@ -253,16 +261,16 @@ class SpeechLM(nn.Module):
         decoder = self.base.get_decoder()
         position_embeddings = decoder.rotary_emb(hidden, position_ids)
         common = dict(attention_mask=attention_mask, position_ids=position_ids,
-                      position_embeddings=position_embeddings, past_key_values=past_key_values, use_cache=use_cache,
-                      **layer_kwargs)
+                      position_embeddings=position_embeddings, use_cache=use_cache, **layer_kwargs)
         for kind, layer in self.stack():
+            kw = {**common, cache_kwarg(type(layer)): past_key_values}
             if kind == "base":
-                hidden = layer(hidden, **common)
+                hidden = layer(hidden, **kw)
                 continue
             if getattr(layer, "takes_speech_mask", False):
-                new = layer(hidden, speech_mask=speech, **common)
+                new = layer(hidden, speech_mask=speech, **kw)
             else:
-                new = layer(hidden, **common)
+                new = layer(hidden, **kw)
             # speech_only: text positions pass through the inserted blocks unchanged.
             hidden = torch.where(speech.unsqueeze(-1), new, hidden) if self.config.route == "speech_only" else new
         hidden = decoder.norm(hidden)
@@ -525,6 +533,13 @@ def load(path: str | Path, model: nn.Module) -> SpeechLM:
 
 
 # ------------------------------------------------------------------------------------------------------ report
+
+
+@functools.cache
+def cache_kwarg(module_cls: type) -> str:
+    """The name ``module_cls.forward`` gives the KV cache: ``cache`` from transformers 5.24 on (which deprecates
+    ``past_key_values`` there), ``past_key_values`` before and in our own blocks."""
+    return "cache" if "cache" in inspect.signature(module_cls.forward).parameters else "past_key_values"
 
 
 def count_trainable(model: nn.Module) -> int:

@@ -72,12 +72,29 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, method):
     assert _losses(resumed["metrics"]) == want  # every step's loss, bit for bit
 
 
+@pytest.mark.parametrize("method", ["dus-transformer", "lora", "full-ft"])
+def test_speech_lr_moves_only_its_group(tmp_path, method):
+    """speech_lr=3e-3 with lr=0: the speech rows learn, what text passes through stays put (and the reverse)."""
+    for lr, speech_lr in ((0.0, 3e-3), (3e-3, 0.0)):
+        lm = _model(method)
+        speech = {id(p) for p in lm.speech_input_parameters()}
+        assert id(lm.speech_embed.weight) in speech
+        before = {n: p.detach().clone() for n, p in lm.named_parameters() if p.requires_grad}
+        T.train(lm, _seqs(12, 0), [], _cfg(lr=lr, speech_lr=speech_lr, max_steps=3), tmp_path / f"{lr}")
+        for n, p in lm.named_parameters():
+            if n in before:
+                moved = not torch.equal(p.detach(), before[n])
+                assert moved == ((speech_lr if id(p) in speech else lr) > 0), n
+
+
 def test_budget_and_errors(tmp_path):
     result = T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(budget_minutes=0.0), tmp_path)
     assert result["status"] == "budget" and result["step"] == 1
     assert (tmp_path / "checkpoint.pt").is_file() and not (tmp_path / "checkpoint.pt.tmp").exists()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(), tmp_path / "empty", resume=True)
+    with pytest.raises(ValueError, match="speech_lr must match"):  # one group saved, two asked for
+        T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(speech_lr=1e-2), tmp_path, resume=True)
     with pytest.raises(ValueError, match="method must be one of"):
         T.build_method(LlamaForCausalLM(CONFIG), "prefix-tuning", speech_vocab_size=4)
 

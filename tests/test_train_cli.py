@@ -75,6 +75,7 @@ def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, caps
     assert "stopped by SIGTERM at step 2" in capsys.readouterr().out
     run = out / "dus-transformer@speech_only"
     max_steps = json.loads((run / "train_config.json").read_text())["max_steps"]
+    assert json.loads((out / "schedule.json").read_text())["max_steps"] == max_steps  # shared by every method
     monkeypatch.setattr(T, "train", real_train)
     assert main(args) == 0
     assert f"resuming {run / 'checkpoint.pt'} ({max_steps} steps in all)" in capsys.readouterr().out
