@@ -307,8 +307,22 @@ def _plots(out: Path, results: dict) -> list[Path]:
             ax.set_yscale("log")
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.3g}" if not math.isnan(v) else "nan", ha="center", va="bottom", fontsize=8)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.margins(y=0.12)
         fig.tight_layout()
         paths.append(out / f"{key}.png")
         fig.savefig(paths[-1], dpi=110)
         plt.close(fig)
+    # The trade-off in one picture: what each method learnt of the task against how far its text moved.
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, m in enumerate(names):
+        ax.scatter(results[m]["text_kl"], results[m]["test_loss"], color=f"C{i}", label=m)
+    ax.set_xlabel("KL(base ‖ model) on general text (lower: text kept)")
+    ax.set_ylabel("test transcript loss given speech (lower: better)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(out / "tradeoff.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
     return paths
