@@ -405,10 +405,12 @@ def add_arguments(p) -> None:
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second")
     p.add_argument("--lora-params", type=int, default=None, help="lora: match this trainable-parameter count")
     p.add_argument("--max-steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3,
-                   help="peak learning rate of what text passes through (inserted blocks, adapters, base weights)")
-    p.add_argument("--speech-lr", type=float, default=None,
-                   help="peak learning rate of the speech embeddings and front end (default: --lr)")
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="peak learning rate of what text passes through: inserted blocks, adapters, base weights "
+                        "(default 1e-4, the paper's and the demo's)")
+    p.add_argument("--speech-lr", type=float, default=2e-3,
+                   help="peak learning rate of the speech embeddings and front end, trained from scratch "
+                        "(default 2e-3, the demo's)")
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=50)
