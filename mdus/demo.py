@@ -59,6 +59,8 @@ def parse_method(spec: str) -> tuple[str, str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from mdus.train import add_lr_arguments
+
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     p.add_argument("--budget-minutes", type=float, default=40.0, help="total time budget (default 40)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
@@ -78,12 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second (a divisor of 100)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per packed batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest transcript decoded")
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="peak learning rate of what text passes through, the same for every method (default 1e-4, "
-                        "the paper's): inserted blocks, LoRA adapters, full fine-tuning's weights")
-    p.add_argument("--speech-lr", type=float, default=2e-3,
-                   help="peak learning rate of the speech embeddings and front end, which every method trains "
-                        "from scratch (default 2e-3)")
+    add_lr_arguments(p)  # the same rates for every method
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
 

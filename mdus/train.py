@@ -150,7 +150,7 @@ def epoch_batches(lengths, epoch: int, cfg: TrainConfig) -> list[list[int]]:
 def _param_groups(lm, params: list, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: the speech input at ``cfg.speech_lr``, everything else (what text passes through: inserted
     blocks, adapters, base weights) at ``cfg.lr``. Empty groups are left out; the order is fixed (checkpoints)."""
-    if cfg.speech_lr is None or not hasattr(lm, "speech_input_parameters"):
+    if cfg.speech_lr is None:
         return [{"params": params, "lr": cfg.lr}]
     speech = {id(p) for p in lm.speech_input_parameters()}
     groups = [{"params": [p for p in params if id(p) not in speech], "lr": cfg.lr},
@@ -390,6 +390,16 @@ def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progr
     return items, seqs
 
 
+def add_lr_arguments(p) -> None:
+    """``--lr`` and ``--speech-lr`` (``TrainConfig.lr`` / ``speech_lr``), shared by ``mdus train`` and ``mdus demo``."""
+    p.add_argument("--lr", type=float, default=1e-4,
+                   help="peak learning rate of what text passes through: inserted blocks, LoRA adapters, full "
+                        "fine-tuning's weights (default 1e-4, the paper's)")
+    p.add_argument("--speech-lr", type=float, default=2e-3,
+                   help="peak learning rate of the speech embeddings and front end, which every method trains from "
+                        "scratch (default 2e-3)")
+
+
 def add_arguments(p) -> None:
     p.add_argument("--data", type=Path, required=True, help="corpus folder with train.jsonl and dev.jsonl")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint.pt, metrics.jsonl, ...)")
@@ -405,12 +415,7 @@ def add_arguments(p) -> None:
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second")
     p.add_argument("--lora-params", type=int, default=None, help="lora: match this trainable-parameter count")
     p.add_argument("--max-steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="peak learning rate of what text passes through: inserted blocks, adapters, base weights "
-                        "(default 1e-4, the paper's and the demo's)")
-    p.add_argument("--speech-lr", type=float, default=2e-3,
-                   help="peak learning rate of the speech embeddings and front end, trained from scratch "
-                        "(default 2e-3, the demo's)")
+    add_lr_arguments(p)
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=50)

@@ -94,6 +94,13 @@ class SpeechLMOutput:
     past_key_values: object = None
 
 
+@functools.cache
+def cache_kwarg(module_cls: type) -> str:
+    """The name ``module_cls.forward`` gives the KV cache: ``cache`` from transformers 5.24 on (which deprecates
+    ``past_key_values`` there), ``past_key_values`` before and in our own blocks."""
+    return "cache" if "cache" in inspect.signature(module_cls.forward).parameters else "past_key_values"
+
+
 def _transformer_block(base, layer_idx: int, block_config: dict) -> nn.Module:
     """A decoder layer of the host's own class (LLaMA-style), built from its config with ``block_config``'s
     overrides, with the attention output and MLP down projections zeroed (LLaMA Pro): an exact identity."""
@@ -533,13 +540,6 @@ def load(path: str | Path, model: nn.Module) -> SpeechLM:
 
 
 # ------------------------------------------------------------------------------------------------------ report
-
-
-@functools.cache
-def cache_kwarg(module_cls: type) -> str:
-    """The name ``module_cls.forward`` gives the KV cache: ``cache`` from transformers 5.24 on (which deprecates
-    ``past_key_values`` there), ``past_key_values`` before and in our own blocks."""
-    return "cache" if "cache" in inspect.signature(module_cls.forward).parameters else "past_key_values"
 
 
 def count_trainable(model: nn.Module) -> int:
