@@ -4,8 +4,9 @@ Steps (each writes into ``OUT``):
 
 1. ``OUT/data``: a TTS corpus (``mdus.data.synthesize``: fortunes sentences of at most ``--max-words`` words from
    a ``--max-vocab``-word vocabulary, espeak-ng/flite voices, held-out voices and sentences for dev/test);
-2. ``OUT/tokenizer``: the speech front end fit on the training audio: log-mel k-means units or standardized
-   log-mel features (``--speech-input``);
+2. ``OUT/tokenizer``: the speech front end fit on the training audio (``--speech-input``): standardized log-mel
+   features (the default), log-mel k-means units, or k-means units of a CTC speech encoder trained on the training
+   split first (kept in ``OUT/tokenizer/encoder``);
 3. ``OUT/<method>``: each method (``METHOD`` or ``METHOD@ROUTE``) trained on ``[speech] -> transcript``
    (``mdus.train``), with checkpoints, ``metrics.jsonl`` and ``trainable.safetensors``; LoRA's rank is matched to
    the up-scaled transformer model's trainable-parameter count;
@@ -59,7 +60,7 @@ def parse_method(spec: str) -> tuple[str, str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mdus.train import add_lr_arguments
+    from mdus.train import SPEECH_INPUTS, add_lr_arguments
 
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     p.add_argument("--budget-minutes", type=float, default=40.0, help="total time budget (default 40)")
@@ -73,9 +74,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-vocab", type=int, default=600,
                    help="sentences made of the N most frequent words only (0: any fortunes sentence)")
     # Measured (README): after the same 300 steps on the same corpus, features reach a test transcript loss of 3.23
-    # against 3.66 for 200 k-means units, which overfit the training sentences (train loss 0.92).
-    p.add_argument("--speech-input", default="features", choices=["units", "features"],
-                   help="log-mel features through a trainable conv subsampler (default), or k-means units")
+    # against 3.66 for 200 k-means units, which overfit the training sentences (train loss 0.92). Phonetic units of a
+    # CTC encoder (CER 0.24 alone) tie with features after 150 steps: test transcript loss 2.635 against 2.631.
+    p.add_argument("--speech-input", default="features", choices=SPEECH_INPUTS,
+                   help="log-mel features through a trainable conv subsampler (default), k-means units of log-mel "
+                        "frames, or k-means units of a CTC speech encoder trained on the training split first")
+    p.add_argument("--ctc-epochs", type=int, default=12, help="epochs of the CTC speech encoder (ctc-units)")
     p.add_argument("--units", type=int, default=200, help="k-means speech units")
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second (a divisor of 100)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per packed batch")
@@ -134,18 +138,17 @@ def run(args: argparse.Namespace) -> int:
     manifests = synthesize(out / "data", n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test, seed=args.seed,
                            max_words=args.max_words, max_vocab=args.max_vocab or None)
 
-    what = (f"{args.units} log-mel k-means units" if args.speech_input == "units" else "log-mel features") + \
-        f" at {args.frame_rate} Hz"
-    print(f"[2/5] speech input: {what}")
+    print(f"[2/5] speech input: {_speech_input(args)}")
     from mdus.data.audio import AudioStream
 
     tok_dir = out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(tok_dir)
     else:
-        waves = [w for _, w in AudioStream(read_manifest(manifests["train"]))]
-        tokenizer = T.fit_speech_input(args.speech_input, waves, units=args.units, frame_rate=args.frame_rate,
-                                       seed=args.seed)
+        utterances = list(AudioStream(read_manifest(manifests["train"])))
+        tokenizer = T.fit_speech_input(args.speech_input, [w for _, w in utterances], units=args.units,
+                                       frame_rate=args.frame_rate, seed=args.seed, save_to=tok_dir,
+                                       texts=[u.text for u, _ in utterances], ctc_epochs=args.ctc_epochs)
         tokenizer.save(tok_dir)
     encoder = T.speech_encoder_config(tokenizer)
     _, text_tok = load_base(args.model)
@@ -232,6 +235,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speech_input(args) -> str:
+    what = {"units": f"{args.units} k-means units of log-mel frames",
+            "features": "log-mel features + conv subsampler",
+            "ctc-units": f"{args.units} k-means units of a CTC speech encoder ({args.ctc_epochs} epochs)"}
+    return f"{what[args.speech_input]} at {args.frame_rate:g} Hz"
+
+
 def _count(lm) -> int:
     from mdus.upscale import count_trainable
 
@@ -247,10 +257,9 @@ def write_report(out: Path, results: dict, args) -> None:
                     f"| {r['text_ppl']:.2f} ({r['text_ppl_base']:.2f}) | {r['text_kl']:.4f} | {agree} "
                     f"| {r.get('transcript_kl', math.nan):.4f} | {r['steps']} |")
     plots = _plots(out, results)
-    speech = (f"{args.units} k-means units" if args.speech_input == "units" else "log-mel features + conv subsampler")
     lines = ["# mdus demo report", "",
-             f"Command: `mdus demo --out {out} --budget-minutes {args.budget_minutes}` (speech input: {speech} at "
-             f"{args.frame_rate} Hz; {args.n_train} training utterances of at most {args.max_words} words"
+             f"Command: `mdus demo --out {out} --budget-minutes {args.budget_minutes}` (speech input: "
+             f"{_speech_input(args)}; {args.n_train} training utterances of at most {args.max_words} words"
              f"{f' from a {args.max_vocab}-word vocabulary' if args.max_vocab else ''}; every method: the same "
              f"steps and batches, peak learning rate {args.lr:g} for what text passes through and "
              f"{args.speech_lr:g} for the speech embeddings and front end).", "",

@@ -304,7 +304,7 @@ def run(args) -> int:
     import mdus
     from mdus.models import load_base
     from mdus.speech import load_tokenizer
-    from mdus.train import sequences_from_manifest
+    from mdus.train import TrainConfig, evaluate_loss, sequences_from_manifest
 
     paths = _paths(args)
     if isinstance(paths, str):
@@ -331,7 +331,7 @@ def run(args) -> int:
               f"{args.model or 'default'}): {_first_line(exc)}")
         return 2
     lm.to(device).eval()
-    items, _ = sequences_from_manifest(manifest, speech_tok, text_tok, progress=progress)
+    items, seqs = sequences_from_manifest(manifest, speech_tok, text_tok, progress=progress)
     if not items:
         print(f"mdus eval: --data/--split: {manifest} has no readable utterance")
         return 2
@@ -347,7 +347,9 @@ def run(args) -> int:
             print(f"mdus eval: no general text ({_first_line(exc)}); text degradation uses the test transcripts")
     metrics = evaluate_model(lm, base_ref, items, text_tok, general=general, device=device,
                              max_new_tokens=args.max_new_tokens, progress=progress)
-    result = {"weights": str(weights), "manifest": str(manifest), "utterances": len(items), **metrics}
+    # The transcripts' loss given their speech (teacher forcing): what the demo reports as "transcript loss".
+    result = {"weights": str(weights), "manifest": str(manifest), "utterances": len(items), **metrics,
+              "test_loss": evaluate_loss(lm, seqs, TrainConfig(), device)}
     if args.lm_eval:
         from mdus.harness import run_lm_eval
 

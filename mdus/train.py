@@ -111,11 +111,22 @@ def speech_encoder_config(speech_tokenizer) -> dict | None:
     return {"n_mels": speech_tokenizer.n_mels, "stride": speech_tokenizer.stride}
 
 
-def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float, seed: int = 0):
-    """A speech front end fit on the training ``waves``: ``"units"``, k-means units of log-mel frames
-    (``units`` clusters at ``frame_rate`` Hz, de-duplicated), or ``"features"``, standardized log-mel frames for a
-    speech encoder subsampling 100 Hz to ``frame_rate`` Hz (100 / ``frame_rate`` must be an even integer)."""
-    from mdus.speech import KMeansTokenizer, LogMelFrontEnd
+SPEECH_INPUTS = ("units", "features", "ctc-units")
+
+
+def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float, seed: int = 0, texts=None,
+                     save_to=None, ctc_epochs: int = 12, progress: bool = True):
+    """A speech front end fit on the training ``waves``:
+
+    * ``"units"``: k-means units of log-mel frames (``units`` clusters at ``frame_rate`` Hz, de-duplicated);
+    * ``"features"``: standardized log-mel frames for a speech encoder subsampling 100 Hz to ``frame_rate`` Hz
+      (100 / ``frame_rate`` must be an even integer);
+    * ``"ctc-units"``: k-means units (as ``"units"``) of a small encoder first trained with CTC on the training
+      ``texts`` for ``ctc_epochs`` (``mdus.speech.ctc``), written to ``save_to/encoder``: phonetic units, the
+      stand-in for the paper's HuBERT units where no pretrained speech model is at hand.
+
+    The caller saves the returned tokenizer (into ``save_to`` for ``"ctc-units"``, which it then refers to)."""
+    from mdus.speech import KMeansTokenizer, LogMelFrontEnd, fit_ctc_encoder
 
     if speech_input == "units":
         return KMeansTokenizer(units, frame_rate=frame_rate, seed=seed).fit(waves)
@@ -125,7 +136,13 @@ def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float,
             raise ValueError(f"frame_rate={frame_rate}: continuous features need 100 / frame_rate to be an even "
                              "integer (50, 25 or 12.5 Hz)")
         return LogMelFrontEnd(round(stride)).fit(waves)
-    raise ValueError(f"speech_input must be 'units' or 'features', got {speech_input!r}")
+    if speech_input == "ctc-units":
+        if texts is None or save_to is None:
+            raise ValueError("speech_input='ctc-units' needs the training transcripts (texts) and a folder (save_to)")
+        encoder = fit_ctc_encoder(waves, texts, epochs=ctc_epochs, seed=seed, progress=progress)
+        encoder.save(Path(save_to) / "encoder")
+        return KMeansTokenizer(units, features=encoder, frame_rate=frame_rate, seed=seed).fit(waves)
+    raise ValueError(f"speech_input must be one of {', '.join(SPEECH_INPUTS)}, got {speech_input!r}")
 
 
 def collate(seqs: Sequence[tuple], device) -> dict:
@@ -409,8 +426,9 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="speech tokenizer folder; fit on the training audio and saved there when absent "
                         "(default OUT/tokenizer)")
-    p.add_argument("--speech-input", default="units", choices=["units", "features"],
-                   help="discrete k-means units, or log-mel features through a trainable conv subsampler")
+    p.add_argument("--speech-input", default="units", choices=SPEECH_INPUTS,
+                   help="discrete k-means units of log-mel frames, log-mel features through a trainable conv "
+                        "subsampler, or k-means units of a CTC speech encoder trained on the training split first")
     p.add_argument("--units", type=int, default=200, help="k-means units (--speech-input units)")
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second")
     p.add_argument("--lora-params", type=int, default=None, help="lora: match this trainable-parameter count")
@@ -447,9 +465,10 @@ def run(args) -> int:
         from mdus.data.audio import AudioStream
         from mdus.data.readers import read_manifest
 
-        waves = [w for _, w in AudioStream(read_manifest(manifests["train"]))]
-        speech_tok = fit_speech_input(args.speech_input, waves, units=args.units, frame_rate=args.frame_rate,
-                                      seed=args.seed)
+        utterances = list(AudioStream(read_manifest(manifests["train"])))
+        speech_tok = fit_speech_input(args.speech_input, [w for _, w in utterances], units=args.units,
+                                      frame_rate=args.frame_rate, seed=args.seed, texts=[u.text for u, _ in utterances],
+                                      save_to=tok_dir, progress=not args.no_progress)
         speech_tok.save(tok_dir)
     base, text_tok = load_base(args.model, device=device)
     progress = not args.no_progress

@@ -175,7 +175,7 @@ def test_eval_cli_end_to_end(corpus_and_model, tmp_path, capsys, monkeypatch):
     assert METRIC_KEYS <= set(result) and result["utterances"] == 3 and result["lm_eval"] is None
     assert json.loads(printed[printed.index("{"):]) == result
     assert [ex["ref"] for ex in result["examples"]] == SENTENCES[:3]
-    assert result["text_ppl"] > 0 and result["wer"] >= 0
+    assert result["text_ppl"] > 0 and result["wer"] >= 0 and 0 < result["test_loss"] < 30
     if FORTUNES_DIR.is_dir():  # general text: fortunes passages, so a degradation apart from the transcripts'
         assert result["text_kl"] != pytest.approx(result["transcript_kl"], rel=1e-3)
 

@@ -157,3 +157,5 @@ def test_fit_speech_input_errors():
         T.fit_speech_input("mfcc", [], units=4, frame_rate=25)
     with pytest.raises(ValueError, match="frame_rate"):
         T.fit_speech_input("features", [], units=4, frame_rate=30)
+    with pytest.raises(ValueError, match="texts"):
+        T.fit_speech_input("ctc-units", [torch.randn(16000)], units=4, frame_rate=25)

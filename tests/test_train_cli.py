@@ -36,7 +36,7 @@ def tiny_setup(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("speech_input", ["units", "features"])
+@pytest.mark.parametrize("speech_input", ["units", "features", "ctc-units"])
 def test_train_cli_and_resume(tiny_setup, speech_input):
     out = tiny_setup / f"run_{speech_input}"
     args = ["train", "--data", str(tiny_setup / "corpus"), "--out", str(out), "--model", str(tiny_setup / "tiny"),
@@ -50,7 +50,10 @@ def test_train_cli_and_resume(tiny_setup, speech_input):
     assert main(args + ["--resume"]) == 0  # already finished: nothing to redo, nothing lost
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
     kind = json.loads((out / "tokenizer" / "tokenizer.json").read_text())["kind"]
-    assert kind == {"units": "kmeans", "features": "logmel_features"}[speech_input]
+    assert kind == {"units": "kmeans", "features": "logmel_features", "ctc-units": "kmeans"}[speech_input]
+    if speech_input == "ctc-units":  # the encoder lives in the tokenizer folder, which refers to it relatively
+        features = json.loads((out / "tokenizer" / "tokenizer.json").read_text())["features"]
+        assert features == {"type": "ctc", "path": "encoder"} and (out / "tokenizer/encoder/encoder.json").is_file()
 
 
 def test_train_cli_missing_corpus(tmp_path):

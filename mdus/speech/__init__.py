@@ -6,6 +6,8 @@ One capability per module:
 * ``logmel``: Kaldi-style log-mel filterbanks in torch (``logmel``, ``LogMel``, ``mel_banks``);
 * ``kmeans``: k-means++ and Lloyd in torch, deterministic given a seed (``KMeans``);
 * ``kmeans_tokenizer``: units by k-means over frame features, pooled to a chosen rate (``KMeansTokenizer``);
+* ``ctc``: a small speech encoder trained with CTC on the training transcripts, as frame features
+  (``CTCEncoder``, ``fit_ctc_encoder``): phonetic units without a pretrained SSL model;
 * ``ssl``: a hidden layer of HuBERT / wav2vec 2.0 as frame features (``SSLFeatures``);
 * ``unit_files``: units precomputed elsewhere, read from files named in a manifest (``read_units``,
   ``UnitFileTokenizer``);
@@ -17,6 +19,7 @@ One capability per module:
 """
 
 from mdus.speech._common import dedup
+from mdus.speech.ctc import CTCEncoder, fit_ctc_encoder
 from mdus.speech.factory import KINDS, SpeechTokenizer, build_tokenizer, load_tokenizer
 from mdus.speech.features import LogMelFrontEnd
 from mdus.speech.kmeans import KMeans
@@ -35,6 +38,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'mdus.speech' has no attribute {name!r}")
 
 
-__all__ = ["KINDS", "ConvSubsampler", "KMeans", "KMeansTokenizer", "LogMel", "LogMelFrontEnd", "SSLFeatures",
-           "SpeechTokenizer", "UnitFileTokenizer", "build_tokenizer", "check_units", "dedup", "load_tokenizer",
-           "logmel", "mel_banks", "num_frames", "pool_frames", "read_units"]
+__all__ = ["KINDS", "CTCEncoder", "ConvSubsampler", "KMeans", "KMeansTokenizer", "LogMel", "LogMelFrontEnd",
+           "SSLFeatures", "SpeechTokenizer", "UnitFileTokenizer", "build_tokenizer", "check_units", "dedup",
+           "fit_ctc_encoder", "load_tokenizer", "logmel", "mel_banks", "num_frames", "pool_frames", "read_units"]

@@ -1,8 +1,10 @@
-"""Discrete speech units by k-means over frame features: log-mel (the default) or an SSL model's hidden layer.
+"""Discrete speech units by k-means over frame features: log-mel (the default), an SSL model's hidden layer, or a CTC
+speech encoder's (``mdus.speech.ctc``).
 
 The path from audio to units, in ``encode`` and identically in ``fit``:
 
-1. features at the extractor's native rate (100 Hz log-mel, 50 Hz HuBERT/wav2vec 2.0), shape (frames, dim);
+1. features at the extractor's native rate (100 Hz log-mel, 50 Hz HuBERT/wav2vec 2.0 and the CTC encoder), shape
+   (frames, dim);
 2. ``normalize="utterance"``: each dim centred and scaled by the utterance's own statistics (CMVN, which removes
    the channel and loudness of a recording), before pooling, where the frame count is largest;
 3. pooling ``factor = native_rate / frame_rate`` frames into one: ``"stack"`` concatenates them (dim x factor; the
@@ -59,8 +61,9 @@ def _std_floor(std: torch.Tensor) -> torch.Tensor:
     return std.clamp_min(max(1e-3 * float(std.mean()), 1e-8))
 
 
-def features_from_config(config: dict, device=None):
-    """Rebuild a feature extractor from its ``config()`` (what a saved tokenizer stores)."""
+def features_from_config(config: dict, device=None, root=None):
+    """Rebuild a feature extractor from its ``config()`` (what a saved tokenizer stores); a relative CTC encoder
+    path is taken from ``root``, the tokenizer's folder."""
     config = dict(config)
     kind = config.pop("type", None)
     if kind == "logmel":
@@ -69,12 +72,16 @@ def features_from_config(config: dict, device=None):
         from mdus.speech.ssl import SSLFeatures
 
         return SSLFeatures(**config, device=device)
-    raise ValueError(f"unknown feature extractor type {kind!r} (expected 'logmel' or 'ssl')")
+    if kind == "ctc":
+        from mdus.speech.ctc import CTCEncoder
+
+        return CTCEncoder.load(Path(root or ".") / config["path"], device=device)
+    raise ValueError(f"unknown feature extractor type {kind!r} (expected 'logmel', 'ssl' or 'ctc')")
 
 
 class KMeansTokenizer:
-    """Audio -> unit ids in ``0..n_units - 1`` by k-means over ``features`` (a ``LogMel`` by default, or an
-    ``SSLFeatures``); see the module docstring for the steps.
+    """Audio -> unit ids in ``0..n_units - 1`` by k-means over ``features`` (a ``LogMel`` by default, an
+    ``SSLFeatures`` or a ``CTCEncoder``); see the module docstring for the steps.
 
     Interface shared by every discrete tokenizer: ``vocab_size``, ``frame_rate`` (units per second before
     de-duplication), ``encode(wave) -> LongTensor``, ``save(path)`` / ``load(path)``.
@@ -93,8 +100,8 @@ class KMeansTokenizer:
         self.features = LogMel() if features is None else features
         for attr in ("dim", "frame_rate", "sample_rate", "config"):
             if not hasattr(self.features, attr):
-                raise TypeError(f"features must be a feature extractor with .{attr} (LogMel or SSLFeatures), got "
-                                f"{type(self.features).__name__}")
+                raise TypeError(f"features must be a feature extractor with .{attr} (LogMel, SSLFeatures or "
+                                f"CTCEncoder), got {type(self.features).__name__}")
         if pooling is None:
             pooling = "stack" if isinstance(self.features, LogMel) else "mean"
         if pooling not in POOLINGS:
@@ -232,15 +239,19 @@ class KMeansTokenizer:
 
     def save(self, path) -> Path:
         """Write ``tokenizer.json`` (configuration) and ``tokenizer.safetensors`` (centroids and the global
-        normalization statistics) into the directory ``path``. An SSL model is stored by reference (its
-        ``model_name_or_path``), not copied."""
+        normalization statistics) into the directory ``path``. An SSL model or CTC encoder is stored by reference
+        (its ``model_name_or_path`` or folder; relative when the folder is inside ``path``), not copied."""
         if not self.is_fitted:
             raise RuntimeError("nothing to save: fit() the tokenizer first")
         tensors = {"centroids": self.kmeans.centroids.contiguous()}
         if self.mean is not None:
             tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous())
-        extra = {"inertia": self.kmeans.inertia, "n_iter": self.kmeans.n_iter}
-        path = write_config(path, {**self.config(), **extra})
+        config = {**self.config(), "inertia": self.kmeans.inertia, "n_iter": self.kmeans.n_iter}
+        if config["features"]["type"] == "ctc":  # an encoder inside the folder moves with it
+            encoder = Path(config["features"]["path"])
+            if encoder.is_relative_to(Path(path).resolve()):
+                config["features"] = {**config["features"], "path": str(encoder.relative_to(Path(path).resolve()))}
+        path = write_config(path, config)
         save_file(tensors, str(path / TENSORS_NAME))
         return path
 
@@ -248,7 +259,7 @@ class KMeansTokenizer:
     def load(cls, path, device=None) -> KMeansTokenizer:
         """A tokenizer saved by ``save``; ``device`` is where an SSL model runs (log-mel runs on the input's)."""
         config = read_config(path, cls.kind)
-        features = features_from_config(config["features"], device=device)
+        features = features_from_config(config["features"], device=device, root=path)
         kwargs = {k: config[k] for k in ("n_units", "frame_rate", "pooling", "normalize", "dedup", "seed",
                                          "max_iter", "tol", "n_init", "init_size", "max_fit_frames")}
         tok = cls(features=features, **kwargs)
