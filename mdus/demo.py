@@ -148,8 +148,15 @@ def run(args: argparse.Namespace) -> int:
         utterances = list(AudioStream(read_manifest(manifests["train"])))
         tokenizer = T.fit_speech_input(args.speech_input, [w for _, w in utterances], units=args.units,
                                        frame_rate=args.frame_rate, seed=args.seed, save_to=tok_dir,
-                                       texts=[u.text for u, _ in utterances], ctc_epochs=args.ctc_epochs)
+                                       texts=[u.text for u, _ in utterances], ctc_epochs=args.ctc_epochs,
+                                       device=device)
         tokenizer.save(tok_dir)
+    if args.speech_input == "ctc-units" and not (tok_dir / "encoder_test.json").is_file():
+        # What the units can carry: the CTC encoder's own transcription of the test split.
+        tests = list(AudioStream(read_manifest(manifests["test"])))
+        rates = E.error_rates([u.text for u, _ in tests], [tokenizer.features.transcribe(w) for _, w in tests])
+        (tok_dir / "encoder_test.json").write_text(json.dumps(rates, indent=1))
+        print(f"      the CTC encoder alone on the test split: CER {rates['cer']:.3f}, WER {rates['wer']:.3f}")
     encoder = T.speech_encoder_config(tokenizer)
     _, text_tok = load_base(args.model)
     _, train_seqs = T.sequences_from_manifest(manifests["train"], tokenizer, text_tok)
@@ -271,6 +278,11 @@ def write_report(out: Path, results: dict, args) -> None:
              "blocks update speech positions only, so text passes through the "
              "frozen base exactly.", "", *rows, ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
+    encoder_test = out / "tokenizer" / "encoder_test.json"
+    if args.speech_input == "ctc-units" and encoder_test.is_file():
+        rates = json.loads(encoder_test.read_text())
+        lines += ["", f"The CTC speech encoder behind the units, alone (greedy CTC) on the test split: CER "
+                      f"{rates['cer']:.3f}, WER {rates['wer']:.3f}: what the units carry of the speech."]
     lines += ["", "Examples (test split, first utterances):", ""]
     for m, r in results.items():
         for ex in r["examples"][:2]:

@@ -115,7 +115,7 @@ SPEECH_INPUTS = ("units", "features", "ctc-units")
 
 
 def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float, seed: int = 0, texts=None,
-                     save_to=None, ctc_epochs: int = 12, progress: bool = True):
+                     save_to=None, ctc_epochs: int = 12, device=None, progress: bool = True):
     """A speech front end fit on the training ``waves``:
 
     * ``"units"``: k-means units of log-mel frames (``units`` clusters at ``frame_rate`` Hz, de-duplicated);
@@ -123,7 +123,7 @@ def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float,
       (100 / ``frame_rate`` must be an even integer);
     * ``"ctc-units"``: k-means units (as ``"units"``) of a small encoder first trained with CTC on the training
       ``texts`` for ``ctc_epochs`` (``mdus.speech.ctc``), written to ``save_to/encoder``: phonetic units, the
-      stand-in for the paper's HuBERT units where no pretrained speech model is at hand.
+      stand-in for the paper's HuBERT units where no pretrained speech model is at hand (trained on ``device``).
 
     The caller saves the returned tokenizer (into ``save_to`` for ``"ctc-units"``, which it then refers to)."""
     from mdus.speech import KMeansTokenizer, LogMelFrontEnd, fit_ctc_encoder
@@ -139,7 +139,7 @@ def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float,
     if speech_input == "ctc-units":
         if texts is None or save_to is None:
             raise ValueError("speech_input='ctc-units' needs the training transcripts (texts) and a folder (save_to)")
-        encoder = fit_ctc_encoder(waves, texts, epochs=ctc_epochs, seed=seed, progress=progress)
+        encoder = fit_ctc_encoder(waves, texts, epochs=ctc_epochs, seed=seed, device=device, progress=progress)
         encoder.save(Path(save_to) / "encoder")
         return KMeansTokenizer(units, features=encoder, frame_rate=frame_rate, seed=seed).fit(waves)
     raise ValueError(f"speech_input must be one of {', '.join(SPEECH_INPUTS)}, got {speech_input!r}")
@@ -468,7 +468,7 @@ def run(args) -> int:
         utterances = list(AudioStream(read_manifest(manifests["train"])))
         speech_tok = fit_speech_input(args.speech_input, [w for _, w in utterances], units=args.units,
                                       frame_rate=args.frame_rate, seed=args.seed, texts=[u.text for u, _ in utterances],
-                                      save_to=tok_dir, progress=not args.no_progress)
+                                      save_to=tok_dir, device=device, progress=not args.no_progress)
         speech_tok.save(tok_dir)
     base, text_tok = load_base(args.model, device=device)
     progress = not args.no_progress

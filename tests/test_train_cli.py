@@ -92,3 +92,27 @@ def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, caps
     assert main(args) == 0
     assert "finished by an earlier run" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text()) == results
+
+
+def test_demo_with_ctc_units(tiny_setup, capsys):
+    """`mdus demo --speech-input ctc-units`: the encoder is trained, stored in the tokenizer folder, scored alone on
+    the test split (the same numbers jiwer gives for its transcriptions) and named in the report."""
+    import jiwer
+
+    from mdus.data.audio import AudioStream
+    from mdus.data.readers import read_manifest
+    from mdus.evaluate import normalize_text
+    from mdus.speech import CTCEncoder
+
+    out = tiny_setup / "demo_ctc"
+    assert main(["demo", "--out", str(out), "--model", str(tiny_setup / "tiny"), "--budget-minutes", "0.3",
+                 "--n-train", "8", "--n-dev", "2", "--n-test", "3", "--methods", "dus-transformer",
+                 "--speech-input", "ctc-units", "--units", "8", "--ctc-epochs", "2", "--max-new-tokens", "4"]) == 0
+    encoder = CTCEncoder.load(out / "tokenizer" / "encoder")
+    tests = list(AudioStream(read_manifest(out / "data" / "test.jsonl")))
+    refs = [normalize_text(u.text) for u, _ in tests]
+    hyps = [normalize_text(encoder.transcribe(w)) for _, w in tests]
+    rates = json.loads((out / "tokenizer" / "encoder_test.json").read_text())
+    assert rates["cer"] == pytest.approx(jiwer.cer(refs, hyps)) and rates["wer"] == pytest.approx(jiwer.wer(refs, hyps))
+    assert f"CER {rates['cer']:.3f}, WER {rates['wer']:.3f}" in (out / "report.md").read_text()
+    assert "k-means units of a CTC speech encoder" in (out / "report.md").read_text()

@@ -152,9 +152,10 @@ class CTCEncoder(nn.Module):
 
 def fit_ctc_encoder(waves: Sequence, texts: Sequence[str], *, dim: int = 192, layers: int = 4, heads: int = 4,
                     stride: int = 2, epochs: int = 10, lr: float = 1e-3, batch_size: int = 16, seed: int = 0,
-                    progress: bool = True) -> CTCEncoder:
+                    device=None, progress: bool = True) -> CTCEncoder:
     """Train a ``CTCEncoder`` on (wave, transcript) pairs of the training split: AdamW, linear warm-up over the
-    first 5% of the steps and cosine decay, clipping at 1; deterministic in ``seed`` on the CPU.
+    first 5% of the steps and cosine decay, clipping at 1; deterministic in ``seed`` on the CPU. It trains on
+    ``device`` (default the CPU) and stays there.
 
     Transcripts are normalized (``mdus.evaluate.normalize_text``); the alphabet is their characters. Utterances
     with an empty transcript are skipped; one whose audio gives fewer frames than its label needs is kept (CTC's
@@ -173,6 +174,7 @@ def fit_ctc_encoder(waves: Sequence, texts: Sequence[str], *, dim: int = 192, la
     enc.mean.copy_(stacked.mean(0).float())
     enc.std.copy_(stacked.std(0).clamp_min(1e-5).float())
     feats = [(f - enc.mean) / enc.std for f in frames]
+    enc.to(device or "cpu")
     index = {c: i + 1 for i, c in enumerate(enc.alphabet)}
     labels = [torch.tensor([index[c] for c in t]) for _, t in pairs]
 
@@ -196,13 +198,14 @@ def fit_ctc_encoder(waves: Sequence, texts: Sequence[str], *, dim: int = 192, la
         order = torch.randperm(len(pairs), generator=generator).tolist()
         for start in range(0, len(pairs), batch_size):
             batch = order[start:start + batch_size]
-            x = nn.utils.rnn.pad_sequence([feats[i] for i in batch], batch_first=True)
-            lengths = torch.tensor([feats[i].shape[0] for i in batch])
+            x = nn.utils.rnn.pad_sequence([feats[i] for i in batch], batch_first=True).to(enc.mean.device)
+            lengths = torch.tensor([feats[i].shape[0] for i in batch], device=x.device)
             h, out_lengths = enc.hidden(x, lengths)
             log_probs = enc.head(h).log_softmax(-1).transpose(0, 1)
             targets = [labels[i] for i in batch]
-            loss = nn.functional.ctc_loss(log_probs, torch.cat(targets), out_lengths,
-                                          torch.tensor([t.shape[0] for t in targets]), zero_infinity=True)
+            loss = nn.functional.ctc_loss(log_probs, torch.cat(targets).to(x.device), out_lengths,
+                                          torch.tensor([t.shape[0] for t in targets], device=x.device),
+                                          zero_infinity=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(enc.parameters(), 1.0)
