@@ -28,17 +28,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mdus.evaluate import normalize_text
 from mdus.speech._common import check_sample_rate, check_wave
 from mdus.speech.logmel import LogMel
 from mdus.speech.subsampler import ConvSubsampler
 
 CONFIG_FILE, TENSORS_FILE = "encoder.json", "encoder.safetensors"
-
-
-def _normalize(text: str) -> str:
-    from mdus.evaluate import normalize_text
-
-    return normalize_text(text)
 
 
 class CTCEncoder(nn.Module):
@@ -162,7 +157,7 @@ def fit_ctc_encoder(waves: Sequence, texts: Sequence[str], *, dim: int = 192, la
     infinite losses are zeroed)."""
     if len(waves) != len(texts):
         raise ValueError(f"waves and texts differ in length: {len(waves)} != {len(texts)}")
-    norm = [_normalize(t) for t in texts]
+    norm = [normalize_text(t) for t in texts]
     pairs = [(w, t) for w, t in zip(waves, norm, strict=True) if t]
     if not pairs:
         raise ValueError("no utterance has a non-empty transcript: there is nothing to train the encoder on")

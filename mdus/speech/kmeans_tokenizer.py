@@ -248,9 +248,9 @@ class KMeansTokenizer:
             tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous())
         config = {**self.config(), "inertia": self.kmeans.inertia, "n_iter": self.kmeans.n_iter}
         if config["features"]["type"] == "ctc":  # an encoder inside the folder moves with it
-            encoder = Path(config["features"]["path"])
-            if encoder.is_relative_to(Path(path).resolve()):
-                config["features"] = {**config["features"], "path": str(encoder.relative_to(Path(path).resolve()))}
+            encoder, folder = Path(config["features"]["path"]), Path(path).resolve()
+            if encoder.is_relative_to(folder):
+                config["features"] = {**config["features"], "path": str(encoder.relative_to(folder))}
         path = write_config(path, config)
         save_file(tensors, str(path / TENSORS_NAME))
         return path
