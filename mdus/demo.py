@@ -79,7 +79,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speech-input", default="features", choices=SPEECH_INPUTS,
                    help="log-mel features through a trainable conv subsampler (default), k-means units of log-mel "
                         "frames, or k-means units of a CTC speech encoder trained on the training split first")
-    p.add_argument("--ctc-epochs", type=int, default=12, help="epochs of the CTC speech encoder (ctc-units)")
+    p.add_argument("--ctc-epochs", type=int, default=12, help="epochs of the CTC speech encoder (ctc-units, ctc-chars)")
     p.add_argument("--units", type=int, default=200, help="k-means speech units")
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second (a divisor of 100)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per packed batch")
@@ -151,14 +151,15 @@ def run(args: argparse.Namespace) -> int:
                                        texts=[u.text for u, _ in utterances], ctc_epochs=args.ctc_epochs,
                                        device=device)
         tokenizer.save(tok_dir)
-    if args.speech_input == "ctc-units" and not (tok_dir / "encoder_test.json").is_file():
-        # What the units can carry: the CTC encoder's own transcription of the test split.
+    if args.speech_input.startswith("ctc-") and not (tok_dir / "encoder_test.json").is_file():
+        # What the speech input can carry: the CTC encoder's own transcription of the test split.
+        ctc = tokenizer.encoder if args.speech_input == "ctc-chars" else tokenizer.features
         tests = list(AudioStream(read_manifest(manifests["test"])))
-        rates = E.error_rates([u.text for u, _ in tests], [tokenizer.features.transcribe(w) for _, w in tests])
+        rates = E.error_rates([u.text for u, _ in tests], [ctc.transcribe(w) for _, w in tests])
         (tok_dir / "encoder_test.json").write_text(json.dumps(rates, indent=1))
         print(f"      the CTC encoder alone on the test split: CER {rates['cer']:.3f}, WER {rates['wer']:.3f}")
-    encoder = T.speech_encoder_config(tokenizer)
     _, text_tok = load_base(args.model)
+    encoder = T.speech_encoder_config(tokenizer, text_tok)
     _, train_seqs = T.sequences_from_manifest(manifests["train"], tokenizer, text_tok)
     _, dev_seqs = T.sequences_from_manifest(manifests["dev"], tokenizer, text_tok)
     test_items, test_seqs = T.sequences_from_manifest(manifests["test"], tokenizer, text_tok)
@@ -246,6 +247,9 @@ def _speech_input(args) -> str:
     what = {"units": f"{args.units} k-means units of log-mel frames",
             "features": "log-mel features + conv subsampler",
             "ctc-units": f"{args.units} k-means units of a CTC speech encoder ({args.ctc_epochs} epochs)"}
+    if args.speech_input == "ctc-chars":
+        return (f"character posteriors of a CTC speech encoder ({args.ctc_epochs} epochs), one position per "
+                "emitted character, read through the LLM's character embeddings")
     return f"{what[args.speech_input]} at {args.frame_rate:g} Hz"
 
 
@@ -279,10 +283,10 @@ def write_report(out: Path, results: dict, args) -> None:
              "frozen base exactly.", "", *rows, ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     encoder_test = out / "tokenizer" / "encoder_test.json"
-    if args.speech_input == "ctc-units" and encoder_test.is_file():
+    if args.speech_input.startswith("ctc-") and encoder_test.is_file():
         rates = json.loads(encoder_test.read_text())
-        lines += ["", f"The CTC speech encoder behind the units, alone (greedy CTC) on the test split: CER "
-                      f"{rates['cer']:.3f}, WER {rates['wer']:.3f}: what the units carry of the speech."]
+        lines += ["", f"The CTC speech encoder behind the speech input, alone (greedy CTC) on the test split: CER "
+                      f"{rates['cer']:.3f}, WER {rates['wer']:.3f}: what the speech input carries of the speech."]
     lines += ["", "Examples (test split, first utterances):", ""]
     for m, r in results.items():
         for ex in r["examples"][:2]:

@@ -104,14 +104,20 @@ def pack(lengths: Sequence[int], order: Sequence[int], max_tokens: int) -> list[
     return batches
 
 
-def speech_encoder_config(speech_tokenizer) -> dict | None:
-    """The model's speech encoder options for a continuous front end (``LogMelFrontEnd``); None for units."""
+def speech_encoder_config(speech_tokenizer, text_tokenizer=None) -> dict | None:
+    """The model's speech encoder options for a continuous front end: a ``ConvSubsampler`` for a
+    ``LogMelFrontEnd``, a ``SymbolProjection`` started from ``text_tokenizer``'s embeddings of the characters for a
+    ``CTCPosteriorFrontEnd``; None for units."""
     if not getattr(speech_tokenizer, "continuous", False):
         return None
+    if hasattr(speech_tokenizer, "token_ids"):
+        if text_tokenizer is None:
+            raise ValueError("a CTCPosteriorFrontEnd needs the text tokenizer (its characters' token ids)")
+        return {"type": "symbols", "token_ids": speech_tokenizer.token_ids(text_tokenizer)}
     return {"n_mels": speech_tokenizer.n_mels, "stride": speech_tokenizer.stride}
 
 
-SPEECH_INPUTS = ("units", "features", "ctc-units")
+SPEECH_INPUTS = ("units", "features", "ctc-units", "ctc-chars")
 
 
 def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float, seed: int = 0, texts=None,
@@ -123,10 +129,12 @@ def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float,
       (100 / ``frame_rate`` must be an even integer);
     * ``"ctc-units"``: k-means units (as ``"units"``) of a small encoder first trained with CTC on the training
       ``texts`` for ``ctc_epochs`` (``mdus.speech.ctc``), written to ``save_to/encoder``: phonetic units, the
-      stand-in for the paper's HuBERT units where no pretrained speech model is at hand (trained on ``device``).
+      stand-in for the paper's HuBERT units where no pretrained speech model is at hand (trained on ``device``);
+    * ``"ctc-chars"``: that encoder's character posteriors, one position per character of its greedy CTC path
+      (``CTCPosteriorFrontEnd``), read by the model through its characters' text embeddings.
 
-    The caller saves the returned tokenizer (into ``save_to`` for ``"ctc-units"``, which it then refers to)."""
-    from mdus.speech import KMeansTokenizer, LogMelFrontEnd, fit_ctc_encoder
+    The caller saves the returned tokenizer (into ``save_to`` for the ``ctc-`` inputs, which it then refers to)."""
+    from mdus.speech import CTCPosteriorFrontEnd, KMeansTokenizer, LogMelFrontEnd, fit_ctc_encoder
 
     if speech_input == "units":
         return KMeansTokenizer(units, frame_rate=frame_rate, seed=seed).fit(waves)
@@ -136,11 +144,14 @@ def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float,
             raise ValueError(f"frame_rate={frame_rate}: continuous features need 100 / frame_rate to be an even "
                              "integer (50, 25 or 12.5 Hz)")
         return LogMelFrontEnd(round(stride)).fit(waves)
-    if speech_input == "ctc-units":
+    if speech_input in ("ctc-units", "ctc-chars"):
         if texts is None or save_to is None:
-            raise ValueError("speech_input='ctc-units' needs the training transcripts (texts) and a folder (save_to)")
+            raise ValueError(f"speech_input={speech_input!r} needs the training transcripts (texts) and a folder "
+                             "(save_to)")
         encoder = fit_ctc_encoder(waves, texts, epochs=ctc_epochs, seed=seed, device=device, progress=progress)
         encoder.save(Path(save_to) / "encoder")
+        if speech_input == "ctc-chars":
+            return CTCPosteriorFrontEnd(encoder)
         return KMeansTokenizer(units, features=encoder, frame_rate=frame_rate, seed=seed).fit(waves)
     raise ValueError(f"speech_input must be one of {', '.join(SPEECH_INPUTS)}, got {speech_input!r}")
 
@@ -428,7 +439,8 @@ def add_arguments(p) -> None:
                         "(default OUT/tokenizer)")
     p.add_argument("--speech-input", default="units", choices=SPEECH_INPUTS,
                    help="discrete k-means units of log-mel frames, log-mel features through a trainable conv "
-                        "subsampler, or k-means units of a CTC speech encoder trained on the training split first")
+                        "subsampler, or, from a CTC speech encoder trained on the training split first, k-means "
+                        "units of its last layer (ctc-units) or its character posteriors (ctc-chars)")
     p.add_argument("--units", type=int, default=200, help="k-means units (--speech-input units)")
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second")
     p.add_argument("--lora-params", type=int, default=None, help="lora: match this trainable-parameter count")
@@ -477,7 +489,7 @@ def run(args) -> int:
                 if manifests["dev"].is_file() else [])
     torch.manual_seed(args.seed)
     lm = build_method(base, args.method, speech_vocab_size=speech_tok.vocab_size, route=args.route,
-                      lora_params=args.lora_params, speech_encoder=speech_encoder_config(speech_tok))
+                      lora_params=args.lora_params, speech_encoder=speech_encoder_config(speech_tok, text_tok))
     cfg = TrainConfig(lr=args.lr, speech_lr=args.speech_lr, max_steps=args.max_steps, max_tokens=args.max_tokens,
                       grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
                       seed=args.seed, budget_minutes=args.budget_minutes, progress=progress,

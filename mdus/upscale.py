@@ -82,7 +82,8 @@ class SpeechLMConfig:
     route: str = "all"
     train_text_embeddings: bool = False
     lora: dict = field(default_factory=dict)  # rank, alpha, target_modules for method="lora"
-    # Continuous speech input: ConvSubsampler options (n_mels, stride); empty = discrete speech units.
+    # Continuous speech input: mdus.speech.subsampler.build_speech_encoder's config (ConvSubsampler options n_mels,
+    # stride; or {"type": "symbols", "token_ids": ...}); empty = discrete speech units.
     speech_encoder: dict = field(default_factory=dict)
 
 
@@ -134,7 +135,9 @@ class SpeechLM(nn.Module):
     trainable ``mdus.speech.ConvSubsampler``; ``speech_features`` (a padded (B, F, n_mels) batch of log-mel frames
     with ``speech_feature_lengths`` (B,), or one utterance (F, n_mels)) become ``ceil(F / stride)`` embeddings per
     utterance, which replace the embeddings of the speech positions of ``input_ids`` (placeholder id
-    ``text_vocab_size``) in order: utterance by utterance, position by position.
+    ``text_vocab_size``) in order: utterance by utterance, position by position. With ``{"type": "symbols",
+    "token_ids": ...}`` it owns a ``SymbolProjection`` instead, started from the text embeddings of ``token_ids``,
+    and each row of ``speech_features`` (a distribution over the symbols) is one position.
     """
 
     def __init__(self, base: nn.Module, config: SpeechLMConfig):
@@ -181,12 +184,12 @@ class SpeechLM(nn.Module):
                     std=float(head.weight.detach().float().std())))
         self.speech_encoder = None
         if config.speech_encoder:
-            from mdus.speech.subsampler import ConvSubsampler
+            from mdus.speech.subsampler import build_speech_encoder
 
             if not config.speech_vocab_size:
                 raise ValueError("a speech encoder needs speech_vocab_size >= 1 (its placeholder id marks the speech "
                                  "positions)")
-            self.speech_encoder = ConvSubsampler(d_model=d, **config.speech_encoder).to(
+            self.speech_encoder = build_speech_encoder(d, config.speech_encoder, embed.weight.detach()).to(
                 device=embed.weight.device, dtype=embed.weight.dtype)
         self._set_trainable()
 
@@ -321,7 +324,7 @@ class SpeechLM(nn.Module):
         if rows.shape[0] != n_speech:
             raise ValueError(f"speech_features give {rows.shape[0]} speech positions (ceil(frames / "
                              f"{self.speech_encoder.stride}) per utterance) but input_ids hold {n_speech} speech "
-                             f"tokens")
+                             "tokens")
         return hidden.masked_scatter(speech.unsqueeze(-1), rows.to(hidden.dtype))
 
     def _prepare(self, input_ids, attention_mask, position_ids, cu_seqlens, max_seqlen, past_key_values):
@@ -435,7 +438,8 @@ def upscale(model: nn.Module, *, n_insert: int | None = None, placement: str | l
             the base model's outputs, whatever the training did.
         train_text_embeddings: also train the text embedding and head (off: they get no gradient at all).
         speech_encoder: continuous speech input instead of units: ``ConvSubsampler`` options (``n_mels``,
-            ``stride``); then ``speech_vocab_size`` is 1, the placeholder id (see ``SpeechLM``).
+            ``stride``) or ``{"type": "symbols", "token_ids": ...}`` (``SymbolProjection``); then
+            ``speech_vocab_size`` is 1, the placeholder id (see ``SpeechLM``).
 
     Example:
         >>> lm = upscale(AutoModelForCausalLM.from_pretrained(path), block="ebranchformer", speech_vocab_size=5000)
@@ -486,10 +490,10 @@ def lora(model: nn.Module, *, rank: int | None = None, match_params: int | None 
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     speech = speech_vocab_size * d * (1 if tied else 2)
     if speech_encoder:
-        from mdus.speech.subsampler import ConvSubsampler
+        from mdus.speech.subsampler import build_speech_encoder
 
         with torch.device("meta"):
-            speech += sum(p.numel() for p in ConvSubsampler(d_model=d, **speech_encoder).parameters())
+            speech += sum(p.numel() for p in build_speech_encoder(d, speech_encoder).parameters())
     if rank is None:
         rank = max(1, round((match_params - speech) / per_rank))
     if rank < 1:

@@ -1,5 +1,6 @@
 """The CTC speech encoder (mdus.speech.ctc): it learns, it is deterministic, it saves and reloads exactly, and as a
-feature extractor it gives k-means units that survive moving the tokenizer folder."""
+feature extractor it gives k-means units that survive moving the tokenizer folder; as a continuous front end its
+collapsed posteriors spell its greedy transcription and reach the model through its characters' text embeddings."""
 
 import math
 import shutil
@@ -7,7 +8,16 @@ import shutil
 import pytest
 import torch
 
-from mdus.speech import CTCEncoder, KMeansTokenizer, fit_ctc_encoder, load_tokenizer
+from mdus.speech import (
+    CTCEncoder,
+    CTCPosteriorFrontEnd,
+    KMeansTokenizer,
+    SymbolProjection,
+    build_speech_encoder,
+    collapse_posteriors,
+    fit_ctc_encoder,
+    load_tokenizer,
+)
 
 SR = 16000
 TONES = {"a": 440.0, "b": 1900.0, "c": 4200.0}
@@ -110,3 +120,106 @@ def test_errors(tone_corpus):
         CTCEncoder("ab", dim=30, heads=4)
     with pytest.raises(ValueError, match="fewer than one"):
         CTCEncoder("ab", dim=8, heads=2)(torch.randn(100))
+
+
+def _collapse_loop(probs):
+    """collapse_posteriors written frame by frame: the definition."""
+    rows, run, last = [], [], None
+    for frame in probs:
+        best = int(frame.argmax())
+        if best == 0 or best != last:
+            if run:
+                rows.append(torch.stack(run).sum(0))
+            run = []
+        if best != 0:
+            run.append(frame[1:])
+        last = best
+    if run:
+        rows.append(torch.stack(run).sum(0))
+    if not rows:
+        rows = [probs[:, 1:].sum(0)]
+    out = torch.stack(rows).double()
+    return out / out.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("frames,symbols,blank_bias", [(1, 3, 0.0), (37, 5, 1.0), (203, 28, 2.0), (9, 2, 9.0)])
+def test_collapse_posteriors_matches_its_definition_and_greedy_path(frames, symbols, blank_bias):
+    g = torch.Generator().manual_seed(frames)
+    logits = 3 * torch.randn(frames, symbols + 1, generator=g)
+    # Runs of repeated frames, as CTC gives.
+    logits = logits.repeat_interleave(torch.randint(1, 4, (frames,), generator=g), 0)
+    logits[:, 0] += blank_bias
+    probs = logits.softmax(-1)
+    rows = collapse_posteriors(probs)
+    torch.testing.assert_close(rows.double(), _collapse_loop(probs), atol=1e-6, rtol=1e-6)
+    best = probs.argmax(-1)
+    greedy = [int(i) for i in torch.unique_consecutive(best) if i]
+    if greedy:
+        assert (rows.argmax(-1) + 1).tolist() == greedy
+    else:
+        assert rows.shape == (1, symbols)
+    torch.testing.assert_close(rows.sum(-1), torch.ones(rows.shape[0]))
+
+
+def test_collapse_posteriors_errors():
+    for bad in (torch.rand(0, 3), torch.rand(5, 1), torch.rand(5)):
+        with pytest.raises(ValueError, match="probs"):
+            collapse_posteriors(bad)
+
+
+class _CharTokenizer:
+    """What a text tokenizer returns for a single character: its code point (and none for '?')."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Enc", (), {"input_ids": [] if text == "?" else [ord(text), ord(text) + 1]})
+
+
+def test_posterior_front_end(fitted, tone_corpus, tmp_path):
+    waves, _ = tone_corpus
+    front = CTCPosteriorFrontEnd(fitted)
+    for w in waves[:5]:
+        feats = front.encode(w)
+        assert feats.shape[1] == 3 and front.n_positions(feats) == feats.shape[0] >= 1
+        # Its positions spell what the encoder transcribes.
+        assert "".join(front.alphabet[i] for i in feats.argmax(-1).tolist()) == fitted.transcribe(w)
+    assert front.token_ids(_CharTokenizer()) == [[97, 98], [98, 99], [99, 100]]
+    with pytest.raises(ValueError, match="no token"):
+        CTCPosteriorFrontEnd(CTCEncoder("a?")).token_ids(_CharTokenizer())
+    with pytest.raises(TypeError, match="CTCEncoder"):
+        CTCPosteriorFrontEnd(object())
+    with pytest.raises(ValueError, match="sample_rate"):
+        front.encode(waves[0], sample_rate=8000)
+    fitted.save(tmp_path / "tok" / "encoder")
+    front.save(tmp_path / "tok")
+    shutil.move(tmp_path / "tok", tmp_path / "moved")
+    loaded = load_tokenizer(tmp_path / "moved")
+    assert isinstance(loaded, CTCPosteriorFrontEnd) and loaded.continuous and loaded.vocab_size == 1
+    assert torch.equal(loaded.encode(waves[1]), front.encode(waves[1]))
+
+
+def test_symbol_projection():
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(11, 6, generator=g)
+    token_ids = [[3], [0, 7], [10, 2, 5]]
+    proj = build_speech_encoder(6, {"type": "symbols", "token_ids": token_ids}, table)
+    assert isinstance(proj, SymbolProjection) and proj.stride == 1
+    # A one-hot row is that symbol's embedding: the mean of its tokens' text embeddings.
+    expected = torch.stack([table[ids].mean(0) for ids in token_ids])
+    torch.testing.assert_close(proj(torch.eye(3)), expected)
+    # A distribution gives the expected embedding; a padded batch zeroes its padding and keeps the lengths.
+    p = torch.rand(2, 4, 3, generator=g).softmax(-1)
+    y, lengths = proj(p, torch.tensor([4, 2]))
+    torch.testing.assert_close(y[0], p[0] @ expected)
+    torch.testing.assert_close(y[1, :2], p[1, :2] @ expected)
+    assert torch.equal(y[1, 2:], torch.zeros(2, 6)) and lengths.tolist() == [4, 2]
+    assert torch.equal(proj.output_lengths(torch.tensor([5, 1])), torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        proj(torch.rand(4, 5))
+    with pytest.raises(TypeError, match="floating"):
+        proj(torch.ones(4, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="token_ids"):
+        build_speech_encoder(6, {"type": "symbols", "token_ids": [[1], []]}, table)
+    with pytest.raises(ValueError, match="token_ids only"):
+        build_speech_encoder(6, {"type": "symbols", "token_ids": [[1]], "stride": 2})
+    with pytest.raises(ValueError, match="type"):
+        build_speech_encoder(6, {"type": "rnn"})

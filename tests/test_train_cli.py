@@ -36,7 +36,7 @@ def tiny_setup(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("speech_input", ["units", "features", "ctc-units"])
+@pytest.mark.parametrize("speech_input", ["units", "features", "ctc-units", "ctc-chars"])
 def test_train_cli_and_resume(tiny_setup, speech_input):
     out = tiny_setup / f"run_{speech_input}"
     args = ["train", "--data", str(tiny_setup / "corpus"), "--out", str(out), "--model", str(tiny_setup / "tiny"),
@@ -50,10 +50,16 @@ def test_train_cli_and_resume(tiny_setup, speech_input):
     assert main(args + ["--resume"]) == 0  # already finished: nothing to redo, nothing lost
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
     kind = json.loads((out / "tokenizer" / "tokenizer.json").read_text())["kind"]
-    assert kind == {"units": "kmeans", "features": "logmel_features", "ctc-units": "kmeans"}[speech_input]
-    if speech_input == "ctc-units":  # the encoder lives in the tokenizer folder, which refers to it relatively
-        features = json.loads((out / "tokenizer" / "tokenizer.json").read_text())["features"]
-        assert features == {"type": "ctc", "path": "encoder"} and (out / "tokenizer/encoder/encoder.json").is_file()
+    assert kind == {"units": "kmeans", "features": "logmel_features", "ctc-units": "kmeans",
+                    "ctc-chars": "ctc_posteriors"}[speech_input]
+    # A CTC encoder lives in the tokenizer folder, which refers to it relatively.
+    config = json.loads((out / "tokenizer" / "tokenizer.json").read_text())
+    if speech_input == "ctc-units":
+        assert config["features"] == {"type": "ctc", "path": "encoder"}
+    if speech_input == "ctc-chars":
+        assert config["encoder"] == "encoder"
+    if speech_input.startswith("ctc-"):
+        assert (out / "tokenizer/encoder/encoder.json").is_file()
 
 
 def test_train_cli_missing_corpus(tmp_path):
@@ -94,9 +100,10 @@ def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, caps
     assert json.loads((out / "results.json").read_text()) == results
 
 
-def test_demo_with_ctc_units(tiny_setup, capsys):
-    """`mdus demo --speech-input ctc-units`: the encoder is trained, stored in the tokenizer folder, scored alone on
-    the test split (the same numbers jiwer gives for its transcriptions) and named in the report."""
+@pytest.mark.parametrize("speech_input", ["ctc-units", "ctc-chars"])
+def test_demo_with_ctc_encoder(tiny_setup, speech_input):
+    """`mdus demo --speech-input ctc-units|ctc-chars`: the encoder is trained, stored in the tokenizer folder,
+    scored alone on the test split (the same numbers jiwer gives for its transcriptions) and named in the report."""
     import jiwer
 
     from mdus.data.audio import AudioStream
@@ -104,10 +111,10 @@ def test_demo_with_ctc_units(tiny_setup, capsys):
     from mdus.evaluate import normalize_text
     from mdus.speech import CTCEncoder
 
-    out = tiny_setup / "demo_ctc"
+    out = tiny_setup / f"demo_{speech_input}"
     assert main(["demo", "--out", str(out), "--model", str(tiny_setup / "tiny"), "--budget-minutes", "0.3",
-                 "--n-train", "8", "--n-dev", "2", "--n-test", "3", "--methods", "dus-transformer",
-                 "--speech-input", "ctc-units", "--units", "8", "--ctc-epochs", "2", "--max-new-tokens", "4"]) == 0
+                 "--n-train", "8", "--n-dev", "2", "--n-test", "3", "--methods", "dus-transformer", "lora",
+                 "--speech-input", speech_input, "--units", "8", "--ctc-epochs", "2", "--max-new-tokens", "4"]) == 0
     encoder = CTCEncoder.load(out / "tokenizer" / "encoder")
     tests = list(AudioStream(read_manifest(out / "data" / "test.jsonl")))
     refs = [normalize_text(u.text) for u, _ in tests]
@@ -115,4 +122,8 @@ def test_demo_with_ctc_units(tiny_setup, capsys):
     rates = json.loads((out / "tokenizer" / "encoder_test.json").read_text())
     assert rates["cer"] == pytest.approx(jiwer.cer(refs, hyps)) and rates["wer"] == pytest.approx(jiwer.wer(refs, hyps))
     assert f"CER {rates['cer']:.3f}, WER {rates['wer']:.3f}" in (out / "report.md").read_text()
-    assert "k-means units of a CTC speech encoder" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert {"ctc-units": "k-means units of a CTC speech encoder",
+            "ctc-chars": "character posteriors of a CTC speech encoder"}[speech_input] in report
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"dus-transformer", "lora"} and all(r["steps"] >= 1 for r in results.values())

@@ -70,6 +70,13 @@ def write_config(path, config: dict) -> Path:
     return path
 
 
+def portable_path(target, folder) -> str:
+    """``target`` relative to ``folder`` when it lies inside it (so a saved tokenizer can move with what it refers
+    to), else absolute."""
+    target, folder = Path(target).resolve(), Path(folder).resolve()
+    return str(target.relative_to(folder) if target.is_relative_to(folder) else target)
+
+
 def read_config(path, kind: str | None = None) -> dict:
     """The JSON configuration of a saved tokenizer directory, checked to be of ``kind`` when given."""
     file = Path(path) / CONFIG_NAME

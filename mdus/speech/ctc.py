@@ -13,6 +13,13 @@ characters of the normalized transcripts (``mdus.evaluate.normalize_text``). Sup
 head reads), so ``KMeansTokenizer(features=encoder)`` turns it into discrete units. ``transcribe`` decodes greedily
 with the CTC head (the encoder's own character error rate, a check that it learnt the speech).
 
+``CTCPosteriorFrontEnd`` is the other way to use it, continuous and without k-means: each utterance becomes one
+position per character the greedy CTC path emits, holding the posterior distribution over the characters averaged
+over that character's frames (``collapse_posteriors``). A speech LM reads it through a ``SymbolProjection`` whose
+rows start as the LLM's own embeddings of those characters (``CTCPosteriorFrontEnd.token_ids``), so the frozen
+LLM is handed a soft spelling of the utterance in its input space from step 0, at the rate of text characters
+(about 13 per second) instead of 25-50 frames per second.
+
 Saved as a directory (``encoder.json`` + ``encoder.safetensors``); a tokenizer that uses it refers to that
 directory, as an SSL tokenizer refers to its model.
 """
@@ -29,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mdus.evaluate import normalize_text
-from mdus.speech._common import check_sample_rate, check_wave
+from mdus.speech._common import check_sample_rate, check_wave, portable_path, read_config, write_config
 from mdus.speech.logmel import LogMel
 from mdus.speech.subsampler import ConvSubsampler
 
@@ -210,3 +217,112 @@ def fit_ctc_encoder(waves: Sequence, texts: Sequence[str], *, dim: int = 192, la
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     return enc.eval()
+
+
+def collapse_posteriors(probs: torch.Tensor) -> torch.Tensor:
+    """CTC posteriors (T, 1 + S), blank first, -> (N, S): one row per symbol of the greedy CTC path.
+
+    Frames whose most probable output is the blank are dropped; each run of consecutive frames with the same most
+    probable symbol becomes one row, the mean of their symbol probabilities renormalized to sum to 1 (the blank's
+    share is dropped). Row i's argmax is therefore the i-th symbol of the greedy transcription. An utterance whose
+    every frame is blank-best gives a single row, the renormalized mean over all its frames, so that it still has
+    a position.
+
+    Example:
+        >>> p = torch.tensor([[.1, .8, .1], [.2, .7, .1], [.9, .05, .05], [.1, .1, .8]])
+        >>> collapse_posteriors(p)
+        tensor([[0.8333, 0.1667],
+                [0.1111, 0.8889]])
+    """
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or probs.shape[1] < 2 or probs.shape[0] == 0:
+        raise ValueError(f"probs must be a (T >= 1, 1 + S >= 2) tensor of CTC posteriors, got "
+                         f"{tuple(getattr(probs, 'shape', ()))}")
+    best = probs.argmax(-1)
+    keep = best != 0
+    if not bool(keep.any()):
+        row = probs[:, 1:].mean(0, keepdim=True)
+        return row / row.sum(-1, keepdim=True).clamp_min(1e-12)
+    # A kept frame starts a run when its symbol differs from the previous frame's best (a blank included).
+    starts = keep & torch.cat([best.new_ones(1, dtype=torch.bool), best[1:] != best[:-1]])
+    run = (torch.cumsum(starts.long(), 0) - 1)[keep]
+    sums = probs.new_zeros(int(starts.sum()), probs.shape[1] - 1).index_add_(0, run, probs[keep, 1:])
+    return sums / sums.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+class CTCPosteriorFrontEnd:
+    """Continuous speech input from a ``CTCEncoder``: wave -> (N, S) character posteriors, one row per character
+    of its greedy CTC path (``collapse_posteriors``); see the module docstring.
+
+    It has the continuous front end's interface (as ``LogMelFrontEnd``: ``continuous = True``, ``vocab_size == 1``,
+    the placeholder id, ``n_positions``, ``encode``, ``save``/``load``); the model reads it through a
+    ``SymbolProjection`` (``speech_encoder={"type": "symbols", "token_ids": front.token_ids(text_tokenizer)}``).
+
+    Example:
+        >>> front = CTCPosteriorFrontEnd(CTCEncoder("ab ", dim=32, layers=1, heads=2))
+        >>> feats = front.encode(torch.randn(16000))
+        >>> feats.shape[1], front.n_positions(feats) == feats.shape[0]
+        (3, True)
+    """
+
+    kind = "ctc_posteriors"
+    continuous = True
+    vocab_size = 1  # the placeholder id of a speech position
+
+    def __init__(self, encoder: CTCEncoder):
+        if not isinstance(encoder, CTCEncoder):
+            raise TypeError(f"encoder must be a CTCEncoder, got {type(encoder).__name__}")
+        self.encoder = encoder.eval()
+
+    @property
+    def alphabet(self) -> str:
+        return self.encoder.alphabet
+
+    @property
+    def n_symbols(self) -> int:
+        return len(self.encoder.alphabet)
+
+    @property
+    def frame_rate(self) -> float:
+        """The encoder's frame rate; the positions are fewer, one per emitted character."""
+        return self.encoder.frame_rate
+
+    @property
+    def sample_rate(self) -> int:
+        return self.encoder.sample_rate
+
+    def n_positions(self, features: torch.Tensor) -> int:
+        return int(features.shape[0])
+
+    @torch.no_grad()
+    def encode(self, wave, sample_rate: int | None = None) -> torch.Tensor:
+        """(T,) float samples -> (N, S) float32 posteriors over the alphabet, N >= 1."""
+        check_sample_rate(sample_rate, self.sample_rate)
+        probs = self.encoder.head(self.encoder(wave)).float().softmax(-1)
+        return collapse_posteriors(probs).cpu()
+
+    def token_ids(self, text_tokenizer) -> list[list[int]]:
+        """The text tokens of each alphabet symbol (``text_tokenizer(symbol)``, e.g. ``[216]`` for SmolLM2's "Ġ"):
+        the ``SymbolProjection`` starts each symbol's embedding at the mean of theirs."""
+        ids = [list(text_tokenizer(c, add_special_tokens=False).input_ids) for c in self.alphabet]
+        empty = [c for c, i in zip(self.alphabet, ids, strict=True) if not i]
+        if empty:
+            raise ValueError(f"the text tokenizer gives no token for the symbols {empty}")
+        return ids
+
+    def config(self) -> dict:
+        if self.encoder.path is None:
+            raise ValueError("the CTCEncoder was never saved, so this front end could not reload it: save it first")
+        return {"kind": self.kind, "encoder": str(self.encoder.path.resolve())}
+
+    def save(self, path) -> Path:
+        """``tokenizer.json`` naming the encoder's folder (relative when it is inside ``path``)."""
+        config = self.config()
+        return write_config(path, {**config, "encoder": portable_path(config["encoder"], path)})
+
+    @classmethod
+    def load(cls, path, device=None) -> CTCPosteriorFrontEnd:
+        config = read_config(path, cls.kind)
+        return cls(CTCEncoder.load(Path(path) / config["encoder"], device=device))
+
+    def __repr__(self) -> str:
+        return f"CTCPosteriorFrontEnd(alphabet={self.alphabet!r}, frame_rate={self.frame_rate:g})"

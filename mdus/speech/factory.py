@@ -20,6 +20,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from mdus.speech._common import read_config
+from mdus.speech.ctc import CTCPosteriorFrontEnd
 from mdus.speech.features import LogMelFrontEnd
 from mdus.speech.kmeans_tokenizer import KMeansTokenizer
 from mdus.speech.logmel import LogMel
@@ -30,7 +31,7 @@ KINDS = {"logmel_kmeans": "logmel_kmeans", "kmeans": "logmel_kmeans", "logmel": 
          "units": "units", "unit_files": "units",
          "logmel_features": "logmel_features", "features": "logmel_features", "continuous": "logmel_features"}
 _SAVED = {KMeansTokenizer.kind: KMeansTokenizer, UnitFileTokenizer.kind: UnitFileTokenizer,
-          LogMelFrontEnd.kind: LogMelFrontEnd}
+          LogMelFrontEnd.kind: LogMelFrontEnd, CTCPosteriorFrontEnd.kind: CTCPosteriorFrontEnd}
 _SSL_KEYS = ("model_name_or_path", "layer", "normalize_wave", "sample_rate", "device", "dtype")
 
 

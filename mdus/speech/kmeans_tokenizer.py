@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdus.speech._common import TENSORS_NAME, check_sample_rate, check_wave, dedup, read_config, write_config
+from mdus.speech._common import (
+    TENSORS_NAME,
+    check_sample_rate,
+    check_wave,
+    dedup,
+    portable_path,
+    read_config,
+    write_config,
+)
 from mdus.speech.kmeans import KMeans
 from mdus.speech.logmel import LogMel
 
@@ -248,9 +256,7 @@ class KMeansTokenizer:
             tensors.update(mean=self.mean.contiguous(), std=self.std.contiguous())
         config = {**self.config(), "inertia": self.kmeans.inertia, "n_iter": self.kmeans.n_iter}
         if config["features"]["type"] == "ctc":  # an encoder inside the folder moves with it
-            encoder, folder = Path(config["features"]["path"]), Path(path).resolve()
-            if encoder.is_relative_to(folder):
-                config["features"] = {**config["features"], "path": str(encoder.relative_to(folder))}
+            config["features"] = {**config["features"], "path": portable_path(config["features"]["path"], path)}
         path = write_config(path, config)
         save_file(tensors, str(path / TENSORS_NAME))
         return path

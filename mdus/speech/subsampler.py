@@ -1,8 +1,12 @@
-"""Continuous speech input: a trainable conv subsampler from log-mel frames to LLM input embeddings.
+"""Continuous speech input: the trainable module of a speech LM that turns a front end's features into LLM input
+embeddings, spliced in where the speech positions are. ``build_speech_encoder`` makes one from its config.
 
-The alternative to discrete units: ``logmel`` frames (100 Hz) go through two strided Conv1d layers with GELU and a
-linear projection, giving ``d_model`` vectors at 100 / stride Hz (25 Hz for stride 4, 12.5 Hz for stride 8) that a
-speech LM splices into its input embeddings where the speech positions are.
+* ``ConvSubsampler`` (``{"type": "conv", "n_mels", "stride"}``, the type being the default): ``logmel`` frames
+  (100 Hz) through two strided Conv1d layers with GELU and a linear projection, giving ``d_model`` vectors at
+  100 / stride Hz (25 Hz for stride 4, 12.5 Hz for stride 8);
+* ``SymbolProjection`` (``{"type": "symbols", "token_ids"}``): distributions over S symbols (a
+  ``CTCPosteriorFrontEnd``'s character posteriors) -> their expected embedding, one position per row, with each
+  symbol's embedding starting at the LLM's own embedding of its text tokens.
 """
 
 from __future__ import annotations
@@ -92,3 +96,71 @@ class ConvSubsampler(nn.Module):
             return y
         out_lengths = self.output_lengths(lengths)
         return self._mask(y.transpose(1, 2), out_lengths).transpose(1, 2), out_lengths
+
+
+class SymbolProjection(nn.Module):
+    """(B, N, S) or (N, S) distributions over S symbols -> (B, N, d_model) or (N, d_model): ``features @ W`` with a
+    trainable (S, d_model) table ``W`` (no bias), so a one-hot row gives exactly that symbol's embedding and a
+    posterior gives the expected one. ``init_from(text_embedding, token_ids)`` starts each symbol at the mean of the
+    text embeddings of its tokens. With ``lengths`` (B,), rows past each length are zeroed and the lengths come back
+    unchanged (one position per row: ``stride`` is 1).
+
+    Example:
+        >>> proj = SymbolProjection(3, 8)
+        >>> proj(torch.eye(3)).shape
+        torch.Size([3, 8])
+    """
+
+    stride = 1
+
+    def __init__(self, n_symbols: int, d_model: int):
+        super().__init__()
+        if int(n_symbols) < 1 or int(d_model) < 1:
+            raise ValueError(f"n_symbols and d_model must be >= 1, got n_symbols={n_symbols}, d_model={d_model}")
+        self.n_symbols, self.d_model = int(n_symbols), int(d_model)
+        self.weight = nn.Parameter(torch.empty(self.n_symbols, self.d_model).normal_(std=0.02))
+
+    @torch.no_grad()
+    def init_from(self, text_embedding: torch.Tensor, token_ids) -> SymbolProjection:
+        if len(token_ids) != self.n_symbols or any(len(ids) == 0 for ids in token_ids):
+            raise ValueError(f"token_ids must give a non-empty token list for each of the {self.n_symbols} symbols")
+        rows = [text_embedding[torch.as_tensor(ids, device=text_embedding.device)].float().mean(0)
+                for ids in token_ids]
+        self.weight.copy_(torch.stack(rows))
+        return self
+
+    def output_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return lengths
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor | None = None):
+        """Returns the embeddings, and with ``lengths`` also their lengths (B,)."""
+        if not isinstance(features, torch.Tensor) or not features.dtype.is_floating_point:
+            got = getattr(features, "dtype", type(features).__name__)
+            raise TypeError(f"features must be a floating-point torch.Tensor, got {got}")
+        if features.dim() not in (2, 3) or features.shape[-1] != self.n_symbols:
+            raise ValueError(f"features must have shape (N, {self.n_symbols}) or (B, N, {self.n_symbols}), got "
+                             f"{tuple(features.shape)}")
+        y = features @ self.weight.to(features.dtype)
+        if lengths is None:
+            return y
+        if features.dim() != 3:
+            raise ValueError("lengths applies to a padded batch (B, N, S), not to one utterance")
+        lengths = torch.as_tensor(lengths, device=y.device)
+        keep = torch.arange(y.shape[1], device=y.device) < lengths[:, None]
+        return y * keep[..., None].to(y.dtype), lengths
+
+
+def build_speech_encoder(d_model: int, config: dict, text_embedding: torch.Tensor | None = None) -> nn.Module:
+    """The speech encoder a ``SpeechLMConfig.speech_encoder`` describes (see the module docstring); a
+    ``SymbolProjection`` is initialized from ``text_embedding`` (V, d_model) when it is given."""
+    config = dict(config)
+    kind = config.pop("type", "conv")
+    if kind == "conv":
+        return ConvSubsampler(d_model=d_model, **config)
+    if kind == "symbols":
+        token_ids = config.pop("token_ids", None)
+        if token_ids is None or config:
+            raise ValueError(f"a 'symbols' speech encoder takes token_ids only, got {sorted(config) or 'none'}")
+        proj = SymbolProjection(len(token_ids), d_model)
+        return proj if text_embedding is None else proj.init_from(text_embedding, token_ids)
+    raise ValueError(f"speech encoder type must be 'conv' or 'symbols', got {kind!r}")
