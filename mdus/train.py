@@ -442,6 +442,7 @@ def add_arguments(p) -> None:
                         "subsampler, or, from a CTC speech encoder trained on the training split first, k-means "
                         "units of its last layer (ctc-units) or its character posteriors (ctc-chars)")
     p.add_argument("--units", type=int, default=200, help="k-means units (--speech-input units)")
+    p.add_argument("--ctc-epochs", type=int, default=12, help="epochs of the CTC speech encoder (ctc-units, ctc-chars)")
     p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second")
     p.add_argument("--lora-params", type=int, default=None, help="lora: match this trainable-parameter count")
     p.add_argument("--max-steps", type=int, default=200)
@@ -480,7 +481,8 @@ def run(args) -> int:
         utterances = list(AudioStream(read_manifest(manifests["train"])))
         speech_tok = fit_speech_input(args.speech_input, [w for _, w in utterances], units=args.units,
                                       frame_rate=args.frame_rate, seed=args.seed, texts=[u.text for u, _ in utterances],
-                                      save_to=tok_dir, device=device, progress=not args.no_progress)
+                                      save_to=tok_dir, ctc_epochs=args.ctc_epochs, device=device,
+                                      progress=not args.no_progress)
         speech_tok.save(tok_dir)
     base, text_tok = load_base(args.model, device=device)
     progress = not args.no_progress

@@ -40,8 +40,8 @@ def tiny_setup(tmp_path_factory):
 def test_train_cli_and_resume(tiny_setup, speech_input):
     out = tiny_setup / f"run_{speech_input}"
     args = ["train", "--data", str(tiny_setup / "corpus"), "--out", str(out), "--model", str(tiny_setup / "tiny"),
-            "--method", "dus-ebranchformer", "--speech-input", speech_input, "--units", "8", "--max-steps", "4",
-            "--max-tokens", "512", "--eval-every", "2", "--save-every", "2", "--no-progress"]
+            "--method", "dus-ebranchformer", "--speech-input", speech_input, "--units", "8", "--ctc-epochs", "2",
+            "--max-steps", "4", "--max-tokens", "512", "--eval-every", "2", "--save-every", "2", "--no-progress"]
     assert main(args) == 0
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [1, 2, 3, 4] and "dev_loss" in lines[1]
