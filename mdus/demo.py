@@ -4,9 +4,9 @@ Steps (each writes into ``OUT``):
 
 1. ``OUT/data``: a TTS corpus (``mdus.data.synthesize``: fortunes sentences of at most ``--max-words`` words from
    a ``--max-vocab``-word vocabulary, espeak-ng/flite voices, held-out voices and sentences for dev/test);
-2. ``OUT/tokenizer``: the speech front end fit on the training audio (``--speech-input``): standardized log-mel
-   features (the default), log-mel k-means units, or k-means units of a CTC speech encoder trained on the training
-   split first (kept in ``OUT/tokenizer/encoder``);
+2. ``OUT/tokenizer``: the speech front end fit on the training audio (``--speech-input``): the character
+   posteriors (the default) or the k-means units of a CTC speech encoder trained on the training split first (kept
+   in ``OUT/tokenizer/encoder``), standardized log-mel features, or log-mel k-means units;
 3. ``OUT/<method>``: each method (``METHOD`` or ``METHOD@ROUTE``) trained on ``[speech] -> transcript``
    (``mdus.train``), with checkpoints, ``metrics.jsonl`` and ``trainable.safetensors``; LoRA's rank is matched to
    the up-scaled transformer model's trainable-parameter count;
@@ -73,15 +73,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-words", type=int, default=10, help="longest sentence, in words")
     p.add_argument("--max-vocab", type=int, default=600,
                    help="sentences made of the N most frequent words only (0: any fortunes sentence)")
-    # Measured (README): after the same 300 steps on the same corpus, features reach a test transcript loss of 3.23
-    # against 3.66 for 200 k-means units, which overfit the training sentences (train loss 0.92). Phonetic units of a
-    # CTC encoder (CER 0.24 alone) tie with features after 150 steps: test transcript loss 2.635 against 2.631.
-    p.add_argument("--speech-input", default="features", choices=SPEECH_INPUTS,
-                   help="log-mel features through a trainable conv subsampler (default), k-means units of log-mel "
-                        "frames, or k-means units of a CTC speech encoder trained on the training split first")
+    # Measured (README), the whole demo each time: with log-mel features, 200 k-means units or k-means units of a CTC
+    # encoder, no method learns to transcribe in the CPU budget (WER 1.0-1.7, test transcript loss 2.5-3.0); with the
+    # CTC encoder's character posteriors every method does (WER 0.62-0.80, transcript loss 1.79-2.00).
+    p.add_argument("--speech-input", default="ctc-chars", choices=SPEECH_INPUTS,
+                   help="the character posteriors of a CTC speech encoder trained on the training split first "
+                        "(ctc-chars, default), k-means units of that encoder (ctc-units), log-mel features through "
+                        "a trainable conv subsampler (features), or k-means units of log-mel frames (units)")
     p.add_argument("--ctc-epochs", type=int, default=12, help="epochs of the CTC speech encoder (ctc-units, ctc-chars)")
-    p.add_argument("--units", type=int, default=200, help="k-means speech units")
-    p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second (a divisor of 100)")
+    p.add_argument("--units", type=int, default=200, help="k-means speech units (units, ctc-units)")
+    p.add_argument("--frame-rate", type=float, default=25.0,
+                   help="speech positions per second of units and features (a divisor of 100)")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per packed batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest transcript decoded")
     add_lr_arguments(p)  # the same rates for every method
@@ -269,7 +271,8 @@ def write_report(out: Path, results: dict, args) -> None:
                     f"| {r.get('transcript_kl', math.nan):.4f} | {r['steps']} |")
     plots = _plots(out, results)
     lines = ["# mdus demo report", "",
-             f"Command: `mdus demo --out {out} --budget-minutes {args.budget_minutes}` (speech input: "
+             f"Command: `mdus demo --out {out} --budget-minutes {args.budget_minutes} --speech-input "
+             f"{args.speech_input}` (speech input: "
              f"{_speech_input(args)}; {args.n_train} training utterances of at most {args.max_words} words"
              f"{f' from a {args.max_vocab}-word vocabulary' if args.max_vocab else ''}; every method: the same "
              f"steps and batches, peak learning rate {args.lr:g} for what text passes through and "
