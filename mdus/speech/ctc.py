@@ -18,7 +18,7 @@ position per character the greedy CTC path emits, holding the posterior distribu
 over that character's frames (``collapse_posteriors``). A speech LM reads it through a ``SymbolProjection`` whose
 rows start as the LLM's own embeddings of those characters (``CTCPosteriorFrontEnd.token_ids``), so the frozen
 LLM is handed a soft spelling of the utterance in its input space from step 0, at the rate of text characters
-(about 13 per second) instead of 25-50 frames per second.
+(about 15 per second in the demo's corpus) instead of 25-50 frames per second.
 
 Saved as a directory (``encoder.json`` + ``encoder.safetensors``); a tokenizer that uses it refers to that
 directory, as an SSL tokenizer refers to its model.
