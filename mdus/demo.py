@@ -60,7 +60,7 @@ def parse_method(spec: str) -> tuple[str, str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mdus.train import SPEECH_INPUTS, add_lr_arguments
+    from mdus.train import add_lr_arguments, add_speech_input_arguments
 
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     p.add_argument("--budget-minutes", type=float, default=40.0, help="total time budget (default 40)")
@@ -76,14 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # Measured (README), the whole demo each time: with log-mel features, 200 k-means units or k-means units of a CTC
     # encoder, no method learns to transcribe in the CPU budget (WER 1.0-1.7, test transcript loss 2.5-3.0); with the
     # CTC encoder's character posteriors every method does (WER 0.62-0.80, transcript loss 1.79-2.00).
-    p.add_argument("--speech-input", default="ctc-chars", choices=SPEECH_INPUTS,
-                   help="the character posteriors of a CTC speech encoder trained on the training split first "
-                        "(ctc-chars, default), k-means units of that encoder (ctc-units), log-mel features through "
-                        "a trainable conv subsampler (features), or k-means units of log-mel frames (units)")
-    p.add_argument("--ctc-epochs", type=int, default=12, help="epochs of the CTC speech encoder (ctc-units, ctc-chars)")
-    p.add_argument("--units", type=int, default=200, help="k-means speech units (units, ctc-units)")
-    p.add_argument("--frame-rate", type=float, default=25.0,
-                   help="speech positions per second of units and features (a divisor of 100)")
+    add_speech_input_arguments(p, default="ctc-chars")
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per packed batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest transcript decoded")
     add_lr_arguments(p)  # the same rates for every method
@@ -248,11 +241,10 @@ def run(args: argparse.Namespace) -> int:
 def _speech_input(args) -> str:
     what = {"units": f"{args.units} k-means units of log-mel frames",
             "features": "log-mel features + conv subsampler",
-            "ctc-units": f"{args.units} k-means units of a CTC speech encoder ({args.ctc_epochs} epochs)"}
-    if args.speech_input == "ctc-chars":
-        return (f"character posteriors of a CTC speech encoder ({args.ctc_epochs} epochs), one position per "
-                "emitted character, read through the LLM's character embeddings")
-    return f"{what[args.speech_input]} at {args.frame_rate:g} Hz"
+            "ctc-units": f"{args.units} k-means units of a CTC speech encoder ({args.ctc_epochs} epochs)",
+            "ctc-chars": f"character posteriors of a CTC speech encoder ({args.ctc_epochs} epochs), one position "
+                         "per emitted character, read through the LLM's character embeddings"}[args.speech_input]
+    return what if args.speech_input == "ctc-chars" else f"{what} at {args.frame_rate:g} Hz"
 
 
 def _count(lm) -> int:

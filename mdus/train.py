@@ -428,6 +428,20 @@ def add_lr_arguments(p) -> None:
                         "scratch (default 2e-3)")
 
 
+def add_speech_input_arguments(p, *, default: str) -> None:
+    """``--speech-input`` (``fit_speech_input``'s kinds, ``default`` first) and its options ``--ctc-epochs``,
+    ``--units`` and ``--frame-rate``, shared by ``mdus train`` and ``mdus demo``."""
+    p.add_argument("--speech-input", default=default, choices=SPEECH_INPUTS,
+                   help=f"k-means units of log-mel frames (units), log-mel features through a trainable conv "
+                        f"subsampler (features), or, from a CTC speech encoder trained on the training split first, "
+                        f"k-means units of its last layer (ctc-units) or its character posteriors (ctc-chars); "
+                        f"default {default}")
+    p.add_argument("--ctc-epochs", type=int, default=12, help="epochs of the CTC speech encoder (ctc-units, ctc-chars)")
+    p.add_argument("--units", type=int, default=200, help="k-means speech units (units, ctc-units)")
+    p.add_argument("--frame-rate", type=float, default=25.0,
+                   help="speech positions per second of units and features (a divisor of 100 for features)")
+
+
 def add_arguments(p) -> None:
     p.add_argument("--data", type=Path, required=True, help="corpus folder with train.jsonl and dev.jsonl")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint.pt, metrics.jsonl, ...)")
@@ -437,13 +451,7 @@ def add_arguments(p) -> None:
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="speech tokenizer folder; fit on the training audio and saved there when absent "
                         "(default OUT/tokenizer)")
-    p.add_argument("--speech-input", default="units", choices=SPEECH_INPUTS,
-                   help="discrete k-means units of log-mel frames, log-mel features through a trainable conv "
-                        "subsampler, or, from a CTC speech encoder trained on the training split first, k-means "
-                        "units of its last layer (ctc-units) or its character posteriors (ctc-chars)")
-    p.add_argument("--units", type=int, default=200, help="k-means units (--speech-input units)")
-    p.add_argument("--ctc-epochs", type=int, default=12, help="epochs of the CTC speech encoder (ctc-units, ctc-chars)")
-    p.add_argument("--frame-rate", type=float, default=25.0, help="speech positions per second")
+    add_speech_input_arguments(p, default="units")
     p.add_argument("--lora-params", type=int, default=None, help="lora: match this trainable-parameter count")
     p.add_argument("--max-steps", type=int, default=200)
     add_lr_arguments(p)
