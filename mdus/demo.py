@@ -60,7 +60,7 @@ def parse_method(spec: str) -> tuple[str, str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mdus.train import add_lr_arguments, add_speech_input_arguments
+    from mdus.train import add_lr_arguments, add_speech_input_arguments, add_text_replay_arguments
 
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
     p.add_argument("--budget-minutes", type=float, default=40.0, help="total time budget (default 40)")
@@ -80,14 +80,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=512, help="tokens per packed batch")
     p.add_argument("--max-new-tokens", type=int, default=32, help="longest transcript decoded")
     add_lr_arguments(p)  # the same rates for every method
+    add_text_replay_arguments(p, default=0.0)  # the same replay for every method
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
 
 
-def _step_seconds(lm, seqs, cfg, device) -> float:
+def _step_seconds(lm, seqs, cfg, device, replay=None) -> float:
     """Seconds per training step of ``lm``: two timed steps (forward, backward, clipping and an AdamW update at
-    learning rate 0, which leaves every weight as it was) after an untimed warm-up step, on a typical batch."""
-    from mdus.train import autocast, collate, epoch_batches
+    learning rate 0, which leaves every weight as it was) after an untimed warm-up step, on a typical batch (plus
+    its text replay when ``cfg.text_kl > 0``)."""
+    from mdus.train import autocast, collate, epoch_batches, training_loss
 
     batch = epoch_batches([s[0].shape[0] for s in seqs], 0, cfg)[0]
     b = collate([seqs[i] for i in batch], device)
@@ -98,7 +100,7 @@ def _step_seconds(lm, seqs, cfg, device) -> float:
         if i == 1:
             t0 = time.monotonic()
         with autocast(cfg, device):  # as train() runs
-            loss = lm(**b).loss
+            loss = training_loss(lm, b, cfg, replay)[0]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         opt.step()
@@ -158,7 +160,11 @@ def run(args: argparse.Namespace) -> int:
     _, train_seqs = T.sequences_from_manifest(manifests["train"], tokenizer, text_tok)
     _, dev_seqs = T.sequences_from_manifest(manifests["dev"], tokenizer, text_tok)
     test_items, test_seqs = T.sequences_from_manifest(manifests["test"], tokenizer, text_tok)
-    general = E.general_text([u.text for u in read_manifest(manifests["train"])], seed=args.seed)
+    spoken = [u.text for u in read_manifest(manifests["train"])]
+    general = E.general_text(spoken, seed=args.seed)
+    replay = None
+    if args.text_kl > 0:  # the teacher: one more untouched copy of the base
+        replay = T.text_replay(E.replay_text(spoken, seed=args.seed), text_tok, load_base(args.model, device=device)[0])
 
     # A rerun into the same OUT keeps what an interrupted run finished: the methods already in results.json are not
     # redone, and a method stopped mid-training resumes from its checkpoint with its saved schedule.
@@ -177,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     def config(max_steps: int, budget_s: float) -> T.TrainConfig:
         return T.TrainConfig(lr=args.lr, speech_lr=args.speech_lr, max_tokens=args.max_tokens, seed=args.seed,
                              max_steps=max_steps, warmup_steps=max(1, min(20, max_steps // 10)),
-                             eval_every=max(1, max_steps // 4), save_every=25, budget_minutes=budget_s / 60)
+                             eval_every=max(1, max_steps // 4), save_every=25, budget_minutes=budget_s / 60,
+                             text_kl=args.text_kl, text_kl_passages=args.text_kl_passages)
 
     # Every method trains for the same steps on the same batches in the same order, with the same schedule (the
     # paper's comparison): the step count is what fits 70% of the budget left, timed on each method's real step.
@@ -189,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[3/5] timing a training step of {', '.join(n for n, _ in missing)}")
         for name, (method, route) in missing:
             lm = build(method, route)
-            schedule["step_seconds"][name] = _step_seconds(lm, train_seqs, config(1, budget_s), device)
+            schedule["step_seconds"][name] = _step_seconds(lm, train_seqs, config(1, budget_s), device, replay)
             del lm
     if "max_steps" not in schedule:
         left = budget_s - (time.monotonic() - t_start)
@@ -212,11 +219,15 @@ def run(args: argparse.Namespace) -> int:
             saved = json.loads(cfg_file.read_text())
             cfg = T.TrainConfig(**{**saved, "betas": tuple(saved["betas"])})
             print(f"      resuming {run_dir / 'checkpoint.pt'} ({cfg.max_steps} steps in all)")
+            if cfg.text_kl != args.text_kl:
+                print(f"mdus demo: {run_dir} was started with --text-kl {cfg.text_kl:g}; rerun with that value "
+                      "(or use a new --out)")
+                return 2
         else:  # a hard stop at twice the expected time, should a step turn out far slower than timed
             cfg = config(schedule["max_steps"], 2 * schedule["max_steps"] * schedule["step_seconds"][name] + 60)
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg_file.write_text(json.dumps(asdict(cfg), indent=1))
-        summary = T.train(lm, train_seqs, dev_seqs, cfg, run_dir, device=device, resume=resume)
+        summary = T.train(lm, train_seqs, dev_seqs, cfg, run_dir, device=device, resume=resume, replay=replay)
         if summary["status"] not in ("done", "budget"):  # SIGINT/SIGTERM: saved, stop here
             print(f"mdus demo: stopped by {summary['status']} at step {summary['step']}; rerun the same command "
                   f"to continue from {run_dir / 'checkpoint.pt'}")
@@ -247,6 +258,13 @@ def _speech_input(args) -> str:
     return what if args.speech_input == "ctc-chars" else f"{what} at {args.frame_rate:g} Hz"
 
 
+def _replay(args) -> str:
+    if args.text_kl <= 0:
+        return ""
+    return (f"; text replay: + {args.text_kl:g} x KL(base‖model) on {args.text_kl_passages} general-text passages "
+            "per step, fortunes the evaluation does not use")
+
+
 def _count(lm) -> int:
     from mdus.upscale import count_trainable
 
@@ -268,7 +286,7 @@ def write_report(out: Path, results: dict, args) -> None:
              f"{_speech_input(args)}; {args.n_train} training utterances of at most {args.max_words} words"
              f"{f' from a {args.max_vocab}-word vocabulary' if args.max_vocab else ''}; every method: the same "
              f"steps and batches, peak learning rate {args.lr:g} for what text passes through and "
-             f"{args.speech_lr:g} for the speech embeddings and front end).", "",
+             f"{args.speech_lr:g} for the speech embeddings and front end{_replay(args)}).", "",
              "WER/CER: greedy decoding of the test split (held-out voices and sentences). Transcript loss: the mean "
              "next-token loss on the test transcripts given their speech (teacher forcing), which moves long before "
              "WER does. Text ppl / KL / greedy agreement: general English the corpus never spoke (40 fortunes "

@@ -200,6 +200,16 @@ def general_text(exclude=(), *, n: int = 40, seed: int = 0) -> list[str]:
     return random.Random(seed).sample(passages, min(n, len(passages)))
 
 
+def replay_text(exclude=(), *, n: int = 40, seed: int = 0) -> list[str]:
+    """General English for text replay (``mdus.train.TextReplay``): every ``fortune_passages`` passage without a
+    sentence of ``exclude``, except the ``n`` that ``general_text`` (same ``exclude``, ``n`` and ``seed``) holds
+    out to measure text degradation. About 2,200 passages."""
+    from mdus.data.synth import fortune_passages
+
+    held_out = set(general_text(exclude, n=n, seed=seed))
+    return [p for p in fortune_passages(exclude=exclude) if p not in held_out]
+
+
 def evaluate_model(lm, base, test_items, text_tokenizer, *, general=None, device=None, max_new_tokens: int = 48,
                    n_continuations: int = 10, max_text_tokens: int = 96, progress: bool = True) -> dict:
     """ASR and text degradation of ``lm`` on a test split, against ``base`` (an untouched copy of its base model).

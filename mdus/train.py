@@ -53,6 +53,8 @@ class TrainConfig:
     seed: int = 0
     budget_minutes: float | None = None
     bf16: bool | None = None           # bf16 autocast; None: on GPUs, and on CPUs with native bf16 (see fast_bf16)
+    text_kl: float = 0.0               # weight of text replay's KL(base || model) (TextReplay); 0: off
+    text_kl_passages: int = 4          # text replay passages per micro-batch
     progress: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -218,6 +220,47 @@ def autocast(cfg: TrainConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+class TextReplay:
+    """Text replay against forgetting: SALAD's forgetting term, KL(base || model) on text input, as a regularizer.
+
+    Each micro-batch also runs ``TrainConfig.text_kl_passages`` general-text passages (``texts``, token id
+    tensors, e.g. ``mdus.evaluate.replay_text``) through the model and adds ``TrainConfig.text_kl`` times the
+    mean KL from the untouched base model's next-token distribution to the model's, over every position
+    (``mdus_kernels.linear_kl_div``: no logits). ``base`` is a separate, untouched copy of the base model (the
+    teacher); the passages come from a generator seeded by (seed, step, micro-batch), so a resumed run draws the
+    same ones.
+    """
+
+    def __init__(self, base, texts: Sequence[torch.Tensor]):
+        self.texts = [t.long() for t in texts if t.numel() >= 2]
+        if not self.texts:
+            raise ValueError("TextReplay: texts holds no passage of 2 or more tokens")
+        # The untouched base behind SpeechLM's packed forward: no inserted block, nothing trainable.
+        self.teacher = mdus.upscale(base, placement=[]).eval()
+
+    def batch(self, cfg: TrainConfig, step: int, micro: int, device) -> dict:
+        g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 64 + micro)
+        picks = torch.randint(len(self.texts), (cfg.text_kl_passages,), generator=g).tolist()
+        b = collate([(self.texts[i], torch.zeros(self.texts[i].shape, dtype=torch.bool)) for i in picks], device)
+        del b["loss_mask"]
+        return b
+
+    def loss(self, lm: SpeechLM, batch: dict) -> torch.Tensor:
+        import mdus_kernels
+
+        student = lm(**batch, return_logits=False).hidden_states
+        with torch.no_grad():
+            teacher = self.teacher(**batch, return_logits=False).hidden_states
+        return mdus_kernels.linear_kl_div(student, lm.output_weights(), teacher, self.teacher.output_weights()[0])
+
+
+def text_replay(passages: Sequence[str], text_tokenizer, base, *, max_tokens: int = 96) -> TextReplay:
+    """A ``TextReplay`` of ``passages`` (strings, each cut to its first ``max_tokens`` tokens, as the evaluation
+    cuts its general text) against ``base``, a separate untouched copy of the base model."""
+    return TextReplay(base, [torch.tensor(text_tokenizer(t, add_special_tokens=False).input_ids[:max_tokens])
+                             for t in passages])
+
+
 # ------------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -308,9 +351,22 @@ def evaluate_loss(lm: SpeechLM, seqs, cfg: TrainConfig, device) -> float:
     return total / max(count, 1)
 
 
+def training_loss(lm: SpeechLM, batch: dict, cfg: TrainConfig, replay: TextReplay | None = None, step: int = 0,
+                  micro: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What micro-batch ``micro`` of step ``step`` backpropagates (run it under ``autocast``): ``(total, transcript
+    loss, text KL or None)``, total = transcript loss + ``cfg.text_kl`` x ``replay``'s KL."""
+    loss = lm(**batch).loss
+    if cfg.text_kl <= 0:
+        return loss, loss, None
+    kl = replay.loss(lm, replay.batch(cfg, step, micro, batch["input_ids"].device))
+    return loss + cfg.text_kl * kl, loss, kl
+
+
 def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False,
-          device: str | torch.device = "cpu", on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Trains the trainable parameters of ``lm`` on ``train_seqs`` (a list of ``make_sequence`` results).
+          device: str | torch.device = "cpu", on_step: Callable[[int, dict], None] | None = None,
+          replay: TextReplay | None = None) -> dict:
+    """Trains the trainable parameters of ``lm`` on ``train_seqs`` (a list of ``make_sequence`` results), plus
+    ``cfg.text_kl`` times ``replay``'s text KL when ``cfg.text_kl > 0``.
 
     Writes ``out_dir/checkpoint.pt`` (every ``save_every`` steps, at the end, and on SIGINT/SIGTERM or when the
     time budget runs out) and ``out_dir/metrics.jsonl`` (one line per step, plus eval lines). With ``resume=True``
@@ -327,6 +383,10 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
     params = [p for p in lm.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    if cfg.text_kl < 0 or (cfg.text_kl > 0 and replay is None):
+        raise ValueError(f"TrainConfig.text_kl={cfg.text_kl}: must be >= 0, and > 0 needs replay (a TextReplay)")
+    if cfg.text_kl > 0:
+        replay.teacher.to(device)
     opt = torch.optim.AdamW(_param_groups(lm, params, cfg), lr=cfg.lr, betas=cfg.betas,
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
@@ -351,8 +411,8 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
     with _StopFlag() as stop, open(metrics_path, "a") as log:
         while state["step"] < cfg.max_steps:
             opt.zero_grad(set_to_none=True)
-            loss_sum, n_tok = 0.0, 0
-            for _ in range(cfg.grad_accum):
+            loss_sum, kl_sum, n_tok = 0.0, 0.0, 0
+            for micro in range(cfg.grad_accum):
                 if state["batch"] >= len(batches):
                     state["epoch"] += 1
                     state["batch"] = 0
@@ -360,9 +420,10 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
                 b = collate([train_seqs[i] for i in batches[state["batch"]]], device)
                 state["batch"] += 1
                 with step_autocast:
-                    loss = lm(**b).loss
-                (loss / cfg.grad_accum).backward()
+                    total, loss, kl = training_loss(lm, b, cfg, replay, state["step"], micro)
+                (total / cfg.grad_accum).backward()
                 loss_sum += float(loss.detach())
+                kl_sum += 0.0 if kl is None else float(kl.detach())
                 n_tok += int(b["input_ids"].shape[0])
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
             opt.step()
@@ -372,6 +433,8 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
             state["elapsed_s"] = t0_elapsed + time.monotonic() - start
             last = {"step": state["step"], "loss": loss_sum / cfg.grad_accum, "lr": sched.get_last_lr()[0],
                     "grad_norm": grad_norm, "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 3)}
+            if cfg.text_kl > 0:
+                last["text_kl"] = kl_sum / cfg.grad_accum
             if cfg.eval_every and dev_seqs and state["step"] % cfg.eval_every == 0:
                 last["dev_loss"] = evaluate_loss(lm, dev_seqs, cfg, device)
             log.write(json.dumps(last) + "\n")
@@ -428,6 +491,16 @@ def add_lr_arguments(p) -> None:
                         "scratch (default 2e-3)")
 
 
+def add_text_replay_arguments(p, *, default: float) -> None:
+    """``--text-kl`` and ``--text-kl-passages`` (``TrainConfig.text_kl`` / ``text_kl_passages``, ``TextReplay``),
+    shared by ``mdus train`` and ``mdus demo``."""
+    p.add_argument("--text-kl", type=float, default=default, metavar="W",
+                   help=f"text replay against forgetting: add W x KL(base || model) on general-text passages "
+                        f"(fortunes the corpus never spoke, except those the evaluation holds out) to every step's "
+                        f"loss (default {default:g}; 0: off)")
+    p.add_argument("--text-kl-passages", type=int, default=4, help="text replay passages per micro-batch (default 4)")
+
+
 def add_speech_input_arguments(p, *, default: str) -> None:
     """``--speech-input`` (``fit_speech_input``'s kinds, ``default`` first) and its options ``--ctc-epochs``,
     ``--units`` and ``--frame-rate``, shared by ``mdus train`` and ``mdus demo``."""
@@ -456,6 +529,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-steps", type=int, default=200)
     add_lr_arguments(p)
     p.add_argument("--max-tokens", type=int, default=1024)
+    add_text_replay_arguments(p, default=0.0)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=50)
@@ -503,8 +577,16 @@ def run(args) -> int:
     cfg = TrainConfig(lr=args.lr, speech_lr=args.speech_lr, max_steps=args.max_steps, max_tokens=args.max_tokens,
                       grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
                       seed=args.seed, budget_minutes=args.budget_minutes, progress=progress,
-                      warmup_steps=max(1, min(20, args.max_steps // 10)))
-    summary = train(lm, train_seqs, dev_seqs, cfg, args.out, resume=args.resume, device=device)
+                      warmup_steps=max(1, min(20, args.max_steps // 10)), text_kl=args.text_kl,
+                      text_kl_passages=args.text_kl_passages)
+    replay = None
+    if args.text_kl > 0:
+        from mdus.data.readers import read_manifest
+        from mdus.evaluate import replay_text
+
+        replay = text_replay(replay_text([u.text for u in read_manifest(manifests["train"])]), text_tok,
+                             load_base(args.model, device=device)[0])
+    summary = train(lm, train_seqs, dev_seqs, cfg, args.out, resume=args.resume, device=device, replay=replay)
     lm.save_trainable(args.out / "trainable.safetensors")
     print(json.dumps({k: v for k, v in summary.items() if k != "last"}), json.dumps(summary["last"]))
     return 0 if summary["status"] in ("done", "budget") else 130

@@ -42,9 +42,13 @@ def test_train_cli_and_resume(tiny_setup, speech_input):
     args = ["train", "--data", str(tiny_setup / "corpus"), "--out", str(out), "--model", str(tiny_setup / "tiny"),
             "--method", "dus-ebranchformer", "--speech-input", speech_input, "--units", "8", "--ctc-epochs", "2",
             "--max-steps", "4", "--max-tokens", "512", "--eval-every", "2", "--save-every", "2", "--no-progress"]
+    replay = speech_input == "features"  # text replay on fortunes passages, with one of the inputs
+    if replay:
+        args += ["--text-kl", "1", "--text-kl-passages", "2"]
     assert main(args) == 0
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [1, 2, 3, 4] and "dev_loss" in lines[1]
+    assert all(("text_kl" in ln) == replay for ln in lines)
     for name in ("checkpoint.pt", "trainable.safetensors", "tokenizer/tokenizer.json"):
         assert (out / name).is_file(), name
     assert main(args + ["--resume"]) == 0  # already finished: nothing to redo, nothing lost
@@ -67,12 +71,13 @@ def test_train_cli_missing_corpus(tmp_path):
 
 
 def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, capsys):
-    """`mdus demo` on a tiny model: a SIGTERM mid-training saves and exits 130; the same command then resumes that
-    method from its checkpoint with its saved schedule, finishes and writes the report; a third run keeps it."""
+    """`mdus demo` on a tiny model, with text replay: a SIGTERM mid-training saves and exits 130; the same command
+    then resumes that method from its checkpoint with its saved schedule, finishes and writes the report; a third
+    run keeps it. A rerun with another --text-kl is refused."""
     out = tiny_setup / "demo"
     args = ["demo", "--out", str(out), "--model", str(tiny_setup / "tiny"), "--budget-minutes", "0.5",
             "--n-train", "8", "--n-dev", "2", "--n-test", "2", "--methods", "dus-transformer@speech_only",
-            "--max-new-tokens", "4"]
+            "--max-new-tokens", "4", "--text-kl", "1", "--text-kl-passages", "2"]
     real_train = T.train
 
     def interrupted(*a, **kw):
@@ -86,15 +91,18 @@ def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, caps
     max_steps = json.loads((run / "train_config.json").read_text())["max_steps"]
     assert json.loads((out / "schedule.json").read_text())["max_steps"] == max_steps  # shared by every method
     monkeypatch.setattr(T, "train", real_train)
+    assert main(args[:-4] + ["--text-kl", "0"]) == 2
+    assert "was started with --text-kl 1" in capsys.readouterr().out
     assert main(args) == 0
     assert f"resuming {run / 'checkpoint.pt'} ({max_steps} steps in all)" in capsys.readouterr().out
-    steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    assert steps == list(range(1, max_steps + 1))
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    assert [ln["step"] for ln in lines] == list(range(1, max_steps + 1)) and all("text_kl" in ln for ln in lines)
     results = json.loads((out / "results.json").read_text())
     r = results["dus-transformer@speech_only"]
     assert r["steps"] == max_steps and r["text_kl"] == pytest.approx(0.0, abs=1e-6)  # speech_only keeps the text
     assert {"wer", "cer", "text_ppl", "text_ppl_base", "trainable_params", "test_loss"} <= set(r)
     assert "| dus-transformer@speech_only |" in (out / "report.md").read_text()
+    assert "text replay: + 1 x KL(base‖model) on 2 general-text passages" in (out / "report.md").read_text()
     assert main(args) == 0
     assert "finished by an earlier run" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text()) == results
