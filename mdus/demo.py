@@ -180,11 +180,11 @@ def run(args: argparse.Namespace) -> int:
         return T.build_method(base, method, speech_vocab_size=tokenizer.vocab_size, speech_encoder=encoder,
                               route=route, lora_params=lora_target)
 
-    def config(max_steps: int, budget_s: float) -> T.TrainConfig:
+    def config(max_steps: int, budget_s: float, route: str) -> T.TrainConfig:
         return T.TrainConfig(lr=args.lr, speech_lr=args.speech_lr, max_tokens=args.max_tokens, seed=args.seed,
                              max_steps=max_steps, warmup_steps=max(1, min(20, max_steps // 10)),
                              eval_every=max(1, max_steps // 4), save_every=25, budget_minutes=budget_s / 60,
-                             text_kl=args.text_kl, text_kl_passages=args.text_kl_passages)
+                             text_kl=_text_kl(args, route), text_kl_passages=args.text_kl_passages)
 
     # Every method trains for the same steps on the same batches in the same order, with the same schedule (the
     # paper's comparison): the step count is what fits 70% of the budget left, timed on each method's real step.
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[3/5] timing a training step of {', '.join(n for n, _ in missing)}")
         for name, (method, route) in missing:
             lm = build(method, route)
-            schedule["step_seconds"][name] = _step_seconds(lm, train_seqs, config(1, budget_s), device, replay)
+            schedule["step_seconds"][name] = _step_seconds(lm, train_seqs, config(1, budget_s, route), device, replay)
             del lm
     if "max_steps" not in schedule:
         left = budget_s - (time.monotonic() - t_start)
@@ -219,12 +219,13 @@ def run(args: argparse.Namespace) -> int:
             saved = json.loads(cfg_file.read_text())
             cfg = T.TrainConfig(**{**saved, "betas": tuple(saved["betas"])})
             print(f"      resuming {run_dir / 'checkpoint.pt'} ({cfg.max_steps} steps in all)")
-            if cfg.text_kl != args.text_kl:
+            if cfg.text_kl != _text_kl(args, route):
                 print(f"mdus demo: {run_dir} was started with --text-kl {cfg.text_kl:g}; rerun with that value "
                       "(or use a new --out)")
                 return 2
         else:  # a hard stop at twice the expected time, should a step turn out far slower than timed
-            cfg = config(schedule["max_steps"], 2 * schedule["max_steps"] * schedule["step_seconds"][name] + 60)
+            cfg = config(schedule["max_steps"], 2 * schedule["max_steps"] * schedule["step_seconds"][name] + 60,
+                         route)
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg_file.write_text(json.dumps(asdict(cfg), indent=1))
         summary = T.train(lm, train_seqs, dev_seqs, cfg, run_dir, device=device, resume=resume, replay=replay)
@@ -258,11 +259,17 @@ def _speech_input(args) -> str:
     return what if args.speech_input == "ctc-chars" else f"{what} at {args.frame_rate:g} Hz"
 
 
+def _text_kl(args, route: str) -> float:
+    """The text replay weight of a method: none for ``speech_only``, whose text path cannot change (text passes
+    through the frozen base exactly, so the replay's KL would only push down the speech rows)."""
+    return 0.0 if route == "speech_only" else args.text_kl
+
+
 def _replay(args) -> str:
     if args.text_kl <= 0:
         return ""
     return (f"; text replay: + {args.text_kl:g} x KL(base‖model) on {args.text_kl_passages} general-text passages "
-            "per step, fortunes the evaluation does not use")
+            "per step, fortunes the evaluation does not use (not for speech_only, whose text path cannot change)")
 
 
 def _count(lm) -> int:

@@ -73,11 +73,11 @@ def test_train_cli_missing_corpus(tmp_path):
 def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, capsys):
     """`mdus demo` on a tiny model, with text replay: a SIGTERM mid-training saves and exits 130; the same command
     then resumes that method from its checkpoint with its saved schedule, finishes and writes the report; a third
-    run keeps it. A rerun with another --text-kl is refused."""
+    run keeps it. A rerun with another --text-kl is refused; speech_only trains without replay and keeps the text."""
     out = tiny_setup / "demo"
     args = ["demo", "--out", str(out), "--model", str(tiny_setup / "tiny"), "--budget-minutes", "0.5",
-            "--n-train", "8", "--n-dev", "2", "--n-test", "2", "--methods", "dus-transformer@speech_only",
-            "--max-new-tokens", "4", "--text-kl", "1", "--text-kl-passages", "2"]
+            "--n-train", "8", "--n-dev", "2", "--n-test", "2", "--methods", "dus-transformer",
+            "dus-transformer@speech_only", "--max-new-tokens", "4", "--text-kl", "1", "--text-kl-passages", "2"]
     real_train = T.train
 
     def interrupted(*a, **kw):
@@ -87,7 +87,7 @@ def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, caps
     monkeypatch.setattr(T, "train", interrupted)
     assert main(args) == 130
     assert "stopped by SIGTERM at step 2" in capsys.readouterr().out
-    run = out / "dus-transformer@speech_only"
+    run = out / "dus-transformer"
     max_steps = json.loads((run / "train_config.json").read_text())["max_steps"]
     assert json.loads((out / "schedule.json").read_text())["max_steps"] == max_steps  # shared by every method
     monkeypatch.setattr(T, "train", real_train)
@@ -95,12 +95,15 @@ def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, caps
     assert "was started with --text-kl 1" in capsys.readouterr().out
     assert main(args) == 0
     assert f"resuming {run / 'checkpoint.pt'} ({max_steps} steps in all)" in capsys.readouterr().out
-    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines() if ln.strip()]
-    assert [ln["step"] for ln in lines] == list(range(1, max_steps + 1)) and all("text_kl" in ln for ln in lines)
+    for name, replayed in (("dus-transformer", True), ("dus-transformer@speech_only", False)):
+        lines = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+        assert [ln["step"] for ln in lines] == list(range(1, max_steps + 1))
+        assert all(("text_kl" in ln) == replayed for ln in lines)
     results = json.loads((out / "results.json").read_text())
     r = results["dus-transformer@speech_only"]
     assert r["steps"] == max_steps and r["text_kl"] == pytest.approx(0.0, abs=1e-6)  # speech_only keeps the text
     assert {"wer", "cer", "text_ppl", "text_ppl_base", "trainable_params", "test_loss"} <= set(r)
+    assert results["dus-transformer"]["steps"] == max_steps
     assert "| dus-transformer@speech_only |" in (out / "report.md").read_text()
     assert "text replay: + 1 x KL(base‖model) on 2 general-text passages" in (out / "report.md").read_text()
     assert main(args) == 0
