@@ -1,5 +1,6 @@
-"""Training of up-scaled speech LMs and their baselines: packing, AdamW with warm-up and decay, checkpoints that
-resume bit-exactly, signal handling, progress and metrics.
+"""Training of up-scaled speech LMs and their baselines: packing, AdamW with warm-up and decay, optional text
+replay against forgetting (``TextReplay``), checkpoints that resume bit-exactly, signal handling, progress and
+metrics.
 
 An *example* is ``(units, text)``: speech unit ids (0..K-1) and the transcript's text token ids. Its sequence is
 ``[text_vocab + units] + text (+ eos)``, trained by next-token prediction on the transcript only (ASR, as in the
@@ -481,24 +482,26 @@ def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progr
     return items, seqs
 
 
-def add_lr_arguments(p) -> None:
-    """``--lr`` and ``--speech-lr`` (``TrainConfig.lr`` / ``speech_lr``), shared by ``mdus train`` and ``mdus demo``."""
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="peak learning rate of what text passes through: inserted blocks, LoRA adapters, full "
-                        "fine-tuning's weights (default 1e-4, the paper's)")
+def add_lr_arguments(p, *, lr: float = 1e-4) -> None:
+    """``--lr`` (default ``lr``) and ``--speech-lr`` (``TrainConfig.lr`` / ``speech_lr``), shared by ``mdus train``
+    and ``mdus demo``."""
+    p.add_argument("--lr", type=float, default=lr,
+                   help=f"peak learning rate of what text passes through: inserted blocks, LoRA adapters, full "
+                        f"fine-tuning's weights (default {lr:g}; the paper's is 1e-4)")
     p.add_argument("--speech-lr", type=float, default=2e-3,
                    help="peak learning rate of the speech embeddings and front end, which every method trains from "
                         "scratch (default 2e-3)")
 
 
-def add_text_replay_arguments(p, *, default: float) -> None:
+def add_text_replay_arguments(p, *, default: float, passages: int = 4) -> None:
     """``--text-kl`` and ``--text-kl-passages`` (``TrainConfig.text_kl`` / ``text_kl_passages``, ``TextReplay``),
     shared by ``mdus train`` and ``mdus demo``."""
     p.add_argument("--text-kl", type=float, default=default, metavar="W",
                    help=f"text replay against forgetting: add W x KL(base || model) on general-text passages "
                         f"(fortunes the corpus never spoke, except those the evaluation holds out) to every step's "
                         f"loss (default {default:g}; 0: off)")
-    p.add_argument("--text-kl-passages", type=int, default=4, help="text replay passages per micro-batch (default 4)")
+    p.add_argument("--text-kl-passages", type=int, default=passages,
+                   help=f"text replay passages per micro-batch (default {passages})")
 
 
 def add_speech_input_arguments(p, *, default: str) -> None:
@@ -529,7 +532,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-steps", type=int, default=200)
     add_lr_arguments(p)
     p.add_argument("--max-tokens", type=int, default=1024)
-    add_text_replay_arguments(p, default=0.0)
+    add_text_replay_arguments(p, default=0.0)  # the paper's recipe: none
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=50)
