@@ -19,9 +19,9 @@ Steps (each writes into ``OUT``):
 Every method trains the same number of steps on the same batches in the same order, with the same learning rates
 (``--lr`` for what text passes through, ``--speech-lr`` for the speech embeddings and front end), schedule and text
 replay (``--text-kl``: KL(base ‖ model) on general-text passages the evaluation does not use,
-``mdus.train.TextReplay``; skipped for ``speech_only``, whose text path cannot change): one recipe, as the paper compares methods (its recipe has no replay).
-The step count fills 70% of the budget left after the data, from each method's timed training step
-(``OUT/schedule.json``); the rest goes to evaluation.
+``mdus.train.TextReplay``; skipped for ``speech_only``, whose text path cannot change): one recipe, as the paper
+compares methods (its recipe has no replay). The step count fills 70% of the budget left after the data, from each
+method's timed training step (``OUT/schedule.json``); the rest goes to evaluation.
 
 Nothing is lost to an interruption: SIGINT/SIGTERM during training save a checkpoint and exit with status 130, and
 rerunning the same command into the same ``OUT`` keeps the methods already in ``results.json`` and resumes the
