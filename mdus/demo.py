@@ -167,9 +167,6 @@ def run(args: argparse.Namespace) -> int:
     test_items, test_seqs = T.sequences_from_manifest(manifests["test"], tokenizer, text_tok)
     spoken = [u.text for u in read_manifest(manifests["train"])]
     general = E.general_text(spoken, seed=args.seed)
-    replay = None
-    if args.text_kl > 0:  # the teacher: one more untouched copy of the base
-        replay = T.text_replay(E.replay_text(spoken, seed=args.seed), text_tok, load_base(args.model, device=device)[0])
 
     # A rerun into the same OUT keeps what an interrupted run finished: the methods already in results.json are not
     # redone, and a method stopped mid-training resumes from its checkpoint with its saved schedule.
@@ -194,6 +191,9 @@ def run(args: argparse.Namespace) -> int:
     # Every method trains for the same steps on the same batches in the same order, with the same schedule (the
     # paper's comparison): the step count is what fits 70% of the budget left, timed on each method's real step.
     todo = [(n, s) for n, s in zip(args.methods, specs, strict=True) if n not in done]
+    replay = None
+    if any(_text_kl(args, route) > 0 for _, (_, route) in todo):  # the teacher: one more untouched copy of the base
+        replay = T.text_replay(E.replay_text(spoken, seed=args.seed), text_tok, load_base(args.model, device=device)[0])
     schedule_file = out / "schedule.json"
     schedule = json.loads(schedule_file.read_text()) if schedule_file.is_file() else {"step_seconds": {}}
     missing = [(n, s) for n, s in todo if n not in schedule["step_seconds"]]
