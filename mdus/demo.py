@@ -186,14 +186,15 @@ def run(args: argparse.Namespace) -> int:
         return T.TrainConfig(lr=args.lr, speech_lr=args.speech_lr, max_tokens=args.max_tokens, seed=args.seed,
                              max_steps=max_steps, warmup_steps=max(1, min(20, max_steps // 10)),
                              eval_every=max(1, max_steps // 4), save_every=25, budget_minutes=budget_s / 60,
-                             text_kl=_text_kl(args, route), text_kl_passages=args.text_kl_passages)
+                             text_kl=T.replay_weight(args.text_kl, route), text_kl_passages=args.text_kl_passages)
 
     # Every method trains for the same steps on the same batches in the same order, with the same schedule (the
     # paper's comparison): the step count is what fits 70% of the budget left, timed on each method's real step.
     todo = [(n, s) for n, s in zip(args.methods, specs, strict=True) if n not in done]
     replay = None
-    if any(_text_kl(args, route) > 0 for _, (_, route) in todo):  # the teacher: one more untouched copy of the base
-        replay = T.text_replay(E.replay_text(spoken, seed=args.seed), text_tok, load_base(args.model, device=device)[0])
+    # The teacher: one more untouched copy of the base.
+    if any(T.replay_weight(args.text_kl, route) > 0 for _, (_, route) in todo):
+        replay = T.general_text_replay(spoken, text_tok, args.model, device=device, seed=args.seed)
     schedule_file = out / "schedule.json"
     schedule = json.loads(schedule_file.read_text()) if schedule_file.is_file() else {"step_seconds": {}}
     missing = [(n, s) for n, s in todo if n not in schedule["step_seconds"]]
@@ -224,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
             saved = json.loads(cfg_file.read_text())
             cfg = T.TrainConfig(**{**saved, "betas": tuple(saved["betas"])})
             print(f"      resuming {run_dir / 'checkpoint.pt'} ({cfg.max_steps} steps in all)")
-            if cfg.text_kl != _text_kl(args, route):
+            if cfg.text_kl != T.replay_weight(args.text_kl, route):
                 print(f"mdus demo: {run_dir} was started with --text-kl {cfg.text_kl:g}; rerun with that value "
                       "(or use a new --out)")
                 return 2
@@ -264,12 +265,6 @@ def _speech_input(args) -> str:
     return what if args.speech_input == "ctc-chars" else f"{what} at {args.frame_rate:g} Hz"
 
 
-def _text_kl(args, route: str) -> float:
-    """The text replay weight of a method: none for ``speech_only``, whose text path cannot change (text passes
-    through the frozen base exactly, so the replay's KL would only push down the speech rows)."""
-    return 0.0 if route == "speech_only" else args.text_kl
-
-
 def _replay(args) -> str:
     if args.text_kl <= 0:
         return ""
@@ -283,12 +278,17 @@ def _count(lm) -> int:
     return count_trainable(lm)
 
 
+def _interval(ci) -> str:
+    return f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
+
+
 def write_report(out: Path, results: dict, args) -> None:
     rows = ["| method | trainable params | WER | CER | transcript loss | text ppl (base) | KL(base‖model) | "
             "greedy agreement | transcripts: KL | steps |", "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in results.items():
         agree = "" if r.get("greedy_agreement") is None else f"{r['greedy_agreement']:.2f}"
-        rows.append(f"| {m} | {r['trainable_params']:,} | {r['wer']:.3f} | {r['cer']:.3f} | {r['test_loss']:.3f} "
+        rows.append(f"| {m} | {r['trainable_params']:,} | {r['wer']:.3f}{_interval(r.get('wer_ci'))} | {r['cer']:.3f} "
+                    f"| {r['test_loss']:.3f} "
                     f"| {r['text_ppl']:.2f} ({r['text_ppl_base']:.2f}) | {r['text_kl']:.4f} | {agree} "
                     f"| {r.get('transcript_kl', math.nan):.4f} | {r['steps']} |")
     plots = _plots(out, results)
@@ -300,7 +300,9 @@ def write_report(out: Path, results: dict, args) -> None:
              f"{f' from a {args.max_vocab}-word vocabulary' if args.max_vocab else ''}; every method: the same "
              f"steps and batches, peak learning rate {args.lr:g} for what text passes through and "
              f"{args.speech_lr:g} for the speech embeddings and front end{_replay(args)}).", "",
-             "WER/CER: greedy decoding of the test split (held-out voices and sentences). Transcript loss: the mean "
+             f"WER/CER: greedy decoding of the test split (held-out voices and sentences); in brackets, the 95% "
+             f"bootstrap interval of the WER over the {args.n_test} test utterances (methods whose intervals overlap "
+             f"widely are not told apart by this test set). Transcript loss: the mean "
              "next-token loss on the test transcripts given their speech (teacher forcing), which moves long before "
              "WER does. Text ppl / KL / greedy agreement: general English the corpus never spoke (40 fortunes "
              "passages of 40+ words, at most 96 tokens each), against the untouched base model; transcripts: KL: "
@@ -312,7 +314,8 @@ def write_report(out: Path, results: dict, args) -> None:
     if args.speech_input.startswith("ctc-") and encoder_test.is_file():
         rates = json.loads(encoder_test.read_text())
         lines += ["", f"The CTC speech encoder behind the speech input, alone (greedy CTC) on the test split: CER "
-                      f"{rates['cer']:.3f}, WER {rates['wer']:.3f}: what the speech input carries of the speech."]
+                      f"{rates['cer']:.3f}, WER {rates['wer']:.3f}{_interval(rates.get('wer_ci'))}: what the speech "
+                      "input carries of the speech."]
     lines += ["", "Examples (test split, first utterances):", ""]
     for m, r in results.items():
         for ex in r["examples"][:2]:
@@ -345,16 +348,23 @@ def _plots(out: Path, results: dict) -> list[Path]:
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     names = list(results)
-    for key, label, log in (("wer", "WER (test)", False), ("text_kl", "KL(base ‖ model) on general text", False),
+    for key, label, log in (("wer", "WER (test; bars: 95% interval)", False),
+                            ("text_kl", "KL(base ‖ model) on general text", False),
                             ("trainable_params", "trainable parameters", True)):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         vals = [results[m][key] for m in names]
-        ax.bar(names, vals, color=[f"C{i}" for i in range(len(names))])
+        cis = [results[m].get(f"{key}_ci") for m in names]
+        err = None
+        if all(cis):  # the bootstrap interval of the test set as error bars
+            err = [[v - lo for v, (lo, _) in zip(vals, cis, strict=True)],
+                   [hi - v for v, (_, hi) in zip(vals, cis, strict=True)]]
+        ax.bar(names, vals, yerr=err, capsize=4, color=[f"C{i}" for i in range(len(names))])
         ax.set_ylabel(label)
         if log and all(v > 0 for v in vals):
             ax.set_yscale("log")
         for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.3g}" if not math.isnan(v) else "nan", ha="center", va="bottom", fontsize=8)
+            ax.text(i, v if err is None else v + err[1][i], f"{v:.3g}" if not math.isnan(v) else "nan",
+                    ha="center", va="bottom", fontsize=8)
         ax.tick_params(axis="x", labelrotation=20, labelsize=8)
         ax.margins(y=0.12)
         fig.tight_layout()

@@ -45,18 +45,39 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
-    """Corpus WER and CER (jiwer) after ``normalize_text``. Empty references are skipped (WER is undefined)."""
+def error_rates(references: Sequence[str], hypotheses: Sequence[str], *, confidence: float = 0.95,
+                n_boot: int = 2000, seed: int = 0) -> dict:
+    """Corpus WER and CER (jiwer) after ``normalize_text``. Empty references are skipped (WER is undefined).
+
+    ``wer_ci`` / ``cer_ci``: ``confidence`` percentile-bootstrap intervals (``n_boot`` resamples of the
+    utterances, seeded): how tightly a test set of this size pins the rates down. Small test sets give wide
+    intervals, and two methods whose intervals overlap widely are not told apart by it.
+    """
     import jiwer
 
     if len(references) != len(hypotheses):
         raise ValueError(f"references and hypotheses differ in length: {len(references)} != {len(hypotheses)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     pairs = [(normalize_text(r), normalize_text(h)) for r, h in zip(references, hypotheses, strict=True)]
     pairs = [(r, h) for r, h in pairs if r]
     if not pairs:
         raise ValueError("every reference is empty after normalization: WER is undefined")
     refs, hyps = [r for r, _ in pairs], [h for _, h in pairs]
-    return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "utterances": len(pairs)}
+    # Per utterance: word errors, reference words, character errors, reference characters. The corpus rates
+    # are ratios of their sums, so a resample of the utterances is a resample of these rows.
+    counts = []
+    for r, h in pairs:
+        w, c = jiwer.process_words(r, h), jiwer.process_characters(r, h)
+        counts.append([w.substitutions + w.deletions + w.insertions, w.substitutions + w.deletions + w.hits,
+                       c.substitutions + c.deletions + c.insertions, c.substitutions + c.deletions + c.hits])
+    counts = torch.tensor(counts, dtype=torch.float64)
+    picks = torch.randint(len(pairs), (n_boot, len(pairs)), generator=torch.Generator().manual_seed(seed))
+    sums = counts[picks].sum(1)
+    q = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
+    wer_ci, cer_ci = (torch.quantile(sums[:, i] / sums[:, i + 1], q).tolist() for i in (0, 2))
+    return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "wer_ci": wer_ci, "cer_ci": cer_ci,
+            "utterances": len(pairs)}
 
 
 def _cache_unsupported(lm) -> bool:
@@ -226,7 +247,8 @@ def evaluate_model(lm, base, test_items, text_tokenizer, *, general=None, device
       when ``general`` is None), ``transcript_ppl``, ``transcript_ppl_base`` and ``transcript_kl`` on the
       references.
 
-    ``device`` defaults to that of ``lm``'s parameters. Returns ``{"wer", "cer", "text_ppl", "text_ppl_base",
+    ``device`` defaults to that of ``lm``'s parameters. Returns ``{"wer", "cer", "wer_ci", "cer_ci", "text_ppl",
+    "text_ppl_base",
     "text_kl", "greedy_agreement", "transcript_ppl", "transcript_ppl_base", "transcript_kl", "examples"}``,
     ``examples`` being the first five ``{"ref", "hyp"}`` pairs and ``greedy_agreement`` None when
     ``n_continuations`` is 0.
@@ -250,7 +272,8 @@ def evaluate_model(lm, base, test_items, text_tokenizer, *, general=None, device
     # The transcripts were never trained on, but they are the training domain.
     in_domain = degradation(refs, 0 if general is not None else n_continuations)
     deg = degradation(general, n_continuations) if general is not None else in_domain
-    return {"wer": rates["wer"], "cer": rates["cer"], "text_ppl": deg["text_ppl"],
+    return {"wer": rates["wer"], "cer": rates["cer"], "wer_ci": rates["wer_ci"], "cer_ci": rates["cer_ci"],
+            "text_ppl": deg["text_ppl"],
             "text_ppl_base": deg["text_ppl_base"], "text_kl": deg["text_kl"],
             "greedy_agreement": deg.get("greedy_agreement"), "transcript_ppl": in_domain["text_ppl"],
             "transcript_ppl_base": in_domain["text_ppl_base"], "transcript_kl": in_domain["text_kl"],
@@ -274,7 +297,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", type=Path, default=None, help="also write the metrics JSON to this file")
     p.add_argument("--general-passages", type=int, default=40, metavar="N",
                    help="general English passages for text degradation: fortunes the corpus (DATA/train.jsonl) "
-                        "never spoke (default 40; 0: the test transcripts only)")
+                        "never spoke (default 40; 0: the test transcripts only; `mdus train --text-kl` replays "
+                        "the others, so more than 40 would score passages a replayed run trained on)")
     p.add_argument("--lm-eval", default=None, metavar="TASKS",
                    help="comma-separated lm-eval-harness tasks to run on the text side (needs lm-eval)")
     p.add_argument("--lm-eval-limit", type=float, default=None, metavar="N",

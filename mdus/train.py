@@ -19,6 +19,7 @@ the run at the next step boundary after saving one.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -62,14 +63,15 @@ class TrainConfig:
 
 def build_method(base, method: str, *, speech_vocab_size: int, route: str = "all", block_config: dict | None = None,
                  lora_params: int | None = None, n_insert: int | None = None,
-                 speech_encoder: dict | None = None) -> SpeechLM:
+                 placement: str | list[int] = "interleaved", speech_encoder: dict | None = None) -> SpeechLM:
     """One of ``METHODS`` around ``base``. ``lora`` matches ``lora_params`` trainable parameters (e.g. those of the
-    up-scaled model), else uses rank 8. ``speech_encoder`` (``ConvSubsampler`` options) gives continuous speech
-    input (``speech_encoder_config`` makes it from a front end)."""
+    up-scaled model), else uses rank 8. ``n_insert`` and ``placement`` go to ``mdus.upscale``. ``speech_encoder``
+    (``ConvSubsampler`` options) gives continuous speech input (``speech_encoder_config`` makes it from a front
+    end)."""
     speech = dict(speech_vocab_size=speech_vocab_size, speech_encoder=speech_encoder)
     if method in ("dus-transformer", "dus-ebranchformer"):
         return mdus.upscale(base, block=method.removeprefix("dus-"), route=route, block_config=block_config,
-                            n_insert=n_insert, **speech)
+                            n_insert=n_insert, placement=placement, **speech)
     if method == "full-ft":
         return mdus.full_finetune(base, **speech)
     if method == "lora":
@@ -260,6 +262,23 @@ def text_replay(passages: Sequence[str], text_tokenizer, base, *, max_tokens: in
     cuts its general text) against ``base``, a separate untouched copy of the base model."""
     return TextReplay(base, [torch.tensor(text_tokenizer(t, add_special_tokens=False).input_ids[:max_tokens])
                              for t in passages])
+
+
+def general_text_replay(spoken: Sequence[str], text_tokenizer, model: str | None = None, *, device=None,
+                        seed: int = 0) -> TextReplay:
+    """The text replay of ``mdus train`` and ``mdus demo``: ``mdus.evaluate.replay_text(spoken, seed=seed)`` (general
+    English that neither the corpus, whose training transcripts are ``spoken``, nor the evaluation uses) against a
+    fresh, untouched copy of the base model ``model`` (``mdus.models.load_base``; default the embedded one)."""
+    from mdus.evaluate import replay_text
+    from mdus.models import load_base
+
+    return text_replay(replay_text(spoken, seed=seed), text_tokenizer, load_base(model, device=device)[0])
+
+
+def replay_weight(text_kl: float, route: str) -> float:
+    """The text replay weight a method trains with: ``text_kl``, except 0 for ``route="speech_only"``, whose text
+    path cannot change (text passes through the frozen base exactly, so the replay would only cost time)."""
+    return 0.0 if route == "speech_only" else text_kl
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -518,11 +537,30 @@ def add_speech_input_arguments(p, *, default: str) -> None:
                    help="speech positions per second of units and features (a divisor of 100 for features)")
 
 
+def _placement(value: str) -> str | list[int]:
+    """``--placement``: a name from ``mdus.upscale.PLACEMENTS`` or comma-separated layer positions."""
+    from mdus.upscale import PLACEMENTS
+
+    if value in PLACEMENTS:
+        return value
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not one of {', '.join(PLACEMENTS)} nor comma-separated "
+                                         f"layer positions such as 10,20,30") from None
+
+
 def add_arguments(p) -> None:
     p.add_argument("--data", type=Path, required=True, help="corpus folder with train.jsonl and dev.jsonl")
     p.add_argument("--out", type=Path, required=True, help="run folder (checkpoint.pt, metrics.jsonl, ...)")
     p.add_argument("--method", default="dus-ebranchformer", choices=METHODS)
     p.add_argument("--route", default="all", choices=["all", "speech_only"])
+    p.add_argument("--placement", type=_placement, default="interleaved",
+                   help="dus-*: where the new blocks go: interleaved (best ASR), sandwich, top (keeps most text "
+                        "ability), middle, bottom, or comma-separated positions (original layers before each block, "
+                        "e.g. 10,20,30); default interleaved")
+    p.add_argument("--n-insert", type=int, default=None,
+                   help="dus-*: number of new blocks (default 25%% of the depth; with positions: their count)")
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="speech tokenizer folder; fit on the training audio and saved there when absent "
@@ -571,24 +609,24 @@ def run(args) -> int:
         speech_tok.save(tok_dir)
     base, text_tok = load_base(args.model, device=device)
     progress = not args.no_progress
-    _, train_seqs = sequences_from_manifest(manifests["train"], speech_tok, text_tok, progress=progress)
+    train_items, train_seqs = sequences_from_manifest(manifests["train"], speech_tok, text_tok, progress=progress)
     dev_seqs = (sequences_from_manifest(manifests["dev"], speech_tok, text_tok, progress=progress)[1]
                 if manifests["dev"].is_file() else [])
     torch.manual_seed(args.seed)
     lm = build_method(base, args.method, speech_vocab_size=speech_tok.vocab_size, route=args.route,
-                      lora_params=args.lora_params, speech_encoder=speech_encoder_config(speech_tok, text_tok))
+                      lora_params=args.lora_params, n_insert=args.n_insert, placement=args.placement,
+                      speech_encoder=speech_encoder_config(speech_tok, text_tok))
     cfg = TrainConfig(lr=args.lr, speech_lr=args.speech_lr, max_steps=args.max_steps, max_tokens=args.max_tokens,
                       grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
                       seed=args.seed, budget_minutes=args.budget_minutes, progress=progress,
-                      warmup_steps=max(1, min(20, args.max_steps // 10)), text_kl=args.text_kl,
-                      text_kl_passages=args.text_kl_passages)
-    replay = None
-    if args.text_kl > 0:
-        from mdus.data.readers import read_manifest
-        from mdus.evaluate import replay_text
-
-        replay = text_replay(replay_text([u.text for u in read_manifest(manifests["train"])]), text_tok,
-                             load_base(args.model, device=device)[0])
+                      warmup_steps=max(1, min(20, args.max_steps // 10)),
+                      text_kl=replay_weight(args.text_kl, args.route), text_kl_passages=args.text_kl_passages)
+    if cfg.text_kl != args.text_kl:
+        print(f"mdus train: no text replay (--text-kl {args.text_kl:g}) for --route speech_only: its text path is "
+              f"the frozen base's")
+    # Seed 0: the replay leaves out the passages `mdus eval` holds out (its general_text has seed 0).
+    replay = (general_text_replay([u.text for u, _, _ in train_items], text_tok, args.model, device=device)
+              if cfg.text_kl > 0 else None)
     summary = train(lm, train_seqs, dev_seqs, cfg, args.out, resume=args.resume, device=device, replay=replay)
     lm.save_trainable(args.out / "trainable.safetensors")
     print(json.dumps({k: v for k, v in summary.items() if k != "last"}), json.dumps(summary["last"]))

@@ -23,8 +23,8 @@ from mdus.data.synth import FORTUNES_DIR
 
 SENTENCES = ["the cat sat on the mat", "a dog ran home", "we like green tea", "it is cold today",
              "birds sing at dawn", "open the door please"]
-METRIC_KEYS = {"wer", "cer", "text_ppl", "text_ppl_base", "text_kl", "greedy_agreement", "transcript_ppl",
-               "transcript_ppl_base", "transcript_kl", "examples"}
+METRIC_KEYS = {"wer", "cer", "wer_ci", "cer_ci", "text_ppl", "text_ppl_base", "text_kl", "greedy_agreement",
+               "transcript_ppl", "transcript_ppl_base", "transcript_kl", "examples"}
 GENERAL = ["Far out in the uncharted backwaters of the galaxy lies a small sun.",
            "Time flies like an arrow; fruit flies like a banana.", "x"]
 
@@ -94,7 +94,7 @@ def test_evaluate_model_matches_its_parts():
     assert set(out) == METRIC_KEYS
     hyps = E.transcribe(lm, [u for _, u, _ in items], TOK, max_new_tokens=6, progress=False)
     rates = E.error_rates([u.text for u, _, _ in items], hyps)
-    assert out["wer"] == rates["wer"] and out["cer"] == rates["cer"]
+    assert all(out[k] == rates[k] for k in ("wer", "cer", "wer_ci", "cer_ci"))
     assert out["examples"] == [{"ref": u.text, "hyp": h} for (u, _, _), h in zip(items[:5], hyps[:5], strict=True)]
     assert out["text_kl"] > 1e-4 and 0.0 <= out["greedy_agreement"] <= 1.0
     # Without general text, both degradations are the transcripts' own.

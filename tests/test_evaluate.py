@@ -40,6 +40,37 @@ def test_normalize_and_error_rates():
         E.error_rates(["!!"], ["a"])
 
 
+def test_error_rate_confidence_intervals():
+    """The bootstrap intervals against jiwer itself on the same resamples of utterances, fresh random text."""
+    from operator import sub
+
+    import jiwer
+
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    words = [f"w{i}" for i in range(12)]
+
+    def sentence(n):
+        return " ".join(words[i] for i in torch.randint(len(words), (n,), generator=g).tolist())
+
+    refs = [sentence(int(torch.randint(1, 9, (), generator=g))) for _ in range(23)]
+    hyps = [r if torch.rand((), generator=g) < 0.4 else sentence(int(torch.randint(0, 9, (), generator=g)))
+            for r in refs]
+    r = E.error_rates(refs, hyps, n_boot=64, seed=5, confidence=0.9)
+    picks = torch.randint(len(refs), (64, len(refs)), generator=torch.Generator().manual_seed(5))
+    for key, rate in (("wer", jiwer.wer), ("cer", jiwer.cer)):
+        boot = torch.tensor([rate([refs[i] for i in p], [hyps[i] for i in p]) for p in picks.tolist()],
+                            dtype=torch.float64)
+        expect = torch.quantile(boot, torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
+        assert r[f"{key}_ci"] == pytest.approx(expect, rel=1e-12)
+        assert r[f"{key}_ci"][0] <= r[key] <= r[f"{key}_ci"][1]
+    wide = -sub(*E.error_rates(refs, hyps, n_boot=400, confidence=0.9)["wer_ci"])
+    many = E.error_rates(refs * 9, hyps * 9, n_boot=400, confidence=0.9)  # 9x the utterances: ~1/3 the width
+    assert many["wer"] == pytest.approx(r["wer"]) and 0 < -sub(*many["wer_ci"]) < wide / 2
+    assert E.error_rates(refs, refs)["wer_ci"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="confidence must be in"):
+        E.error_rates(refs, hyps, confidence=1.5)
+
+
 @pytest.mark.parametrize("block", ["transformer", "ebranchformer"])
 def test_greedy_decode_cache_matches_recompute(block):
     lm, _ = _pair(block, perturb=0.3)

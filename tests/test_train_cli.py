@@ -138,3 +138,26 @@ def test_demo_with_ctc_encoder(tiny_setup, speech_input):
             "ctc-chars": "character posteriors of a CTC speech encoder"}[speech_input] in report
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"dus-transformer", "lora"} and all(r["steps"] >= 1 for r in results.values())
+
+
+@pytest.mark.parametrize("placement, positions", [("top", [4, 4]), ("1,3", [1, 3])])
+def test_train_cli_placement_and_speech_only_replay(tiny_setup, capsys, placement, positions):
+    """--placement / --n-insert reach mdus.upscale (the saved run rebuilds with those positions); --text-kl with
+    --route speech_only says it trains without replay (its text path is the frozen base's) and logs no text_kl."""
+    import mdus
+
+    out = tiny_setup / f"run_placement_{placement}"
+    args = ["train", "--data", str(tiny_setup / "corpus"), "--out", str(out), "--model", str(tiny_setup / "tiny"),
+            "--method", "dus-transformer", "--route", "speech_only", "--placement", placement, "--n-insert", "2",
+            "--units", "8", "--max-steps", "2", "--max-tokens", "512", "--text-kl", "1", "--no-progress"]
+    assert main(args) == 0
+    assert "no text replay (--text-kl 1) for --route speech_only" in capsys.readouterr().out
+    assert not any("text_kl" in ln for ln in (out / "metrics.jsonl").read_text().splitlines())
+    lm = mdus.load(out / "trainable.safetensors", LlamaForCausalLM.from_pretrained(tiny_setup / "tiny"))
+    assert lm.config.positions == positions and lm.config.route == "speech_only"
+
+
+def test_train_cli_bad_placement(tiny_setup, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", str(tiny_setup / "corpus"), "--out", str(tiny_setup / "bad"), "--placement", "left"])
+    assert exc.value.code == 2 and "argument --placement: 'left' is not one of" in capsys.readouterr().err
