@@ -430,7 +430,7 @@ def _cpu_groups(cu_q, cu_k, prefix_lens, causal):
         first = 0 if (not causal or p > 0) else max(0, lq - lk)
         if first == lq:
             continue
-        if not causal or p >= lk:
+        if not causal or p >= lk or lq == 1:  # (one causal query row, as in decoding, is the last: it sees all)
             yield cq[b], ck[b], n, lq, lk, first, False, None
         elif p == 0 and lq == lk:
             yield cq[b], ck[b], n, lq, lk, first, True, None
