@@ -613,9 +613,13 @@ def run(args) -> int:
     dev_seqs = (sequences_from_manifest(manifests["dev"], speech_tok, text_tok, progress=progress)[1]
                 if manifests["dev"].is_file() else [])
     torch.manual_seed(args.seed)
-    lm = build_method(base, args.method, speech_vocab_size=speech_tok.vocab_size, route=args.route,
-                      lora_params=args.lora_params, n_insert=args.n_insert, placement=args.placement,
-                      speech_encoder=speech_encoder_config(speech_tok, text_tok))
+    try:
+        lm = build_method(base, args.method, speech_vocab_size=speech_tok.vocab_size, route=args.route,
+                          lora_params=args.lora_params, n_insert=args.n_insert, placement=args.placement,
+                          speech_encoder=speech_encoder_config(speech_tok, text_tok))
+    except ValueError as exc:  # --placement / --n-insert that do not fit the model
+        print(f"mdus train: {exc}")
+        return 2
     cfg = TrainConfig(lr=args.lr, speech_lr=args.speech_lr, max_steps=args.max_steps, max_tokens=args.max_tokens,
                       grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
                       seed=args.seed, budget_minutes=args.budget_minutes, progress=progress,

@@ -161,3 +161,9 @@ def test_train_cli_bad_placement(tiny_setup, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--data", str(tiny_setup / "corpus"), "--out", str(tiny_setup / "bad"), "--placement", "left"])
     assert exc.value.code == 2 and "argument --placement: 'left' is not one of" in capsys.readouterr().err
+    args = ["train", "--data", str(tiny_setup / "corpus"), "--out", str(tiny_setup / "bad"), "--model",
+            str(tiny_setup / "tiny"), "--units", "8", "--no-progress", "--placement"]
+    assert main(args + ["2,9"]) == 2  # the tiny model has 4 layers
+    assert "placement positions must be in [0, 4]" in capsys.readouterr().out
+    assert main(args + ["1,2", "--n-insert", "3"]) == 2
+    assert "n_insert=3 does not match the 2 positions given" in capsys.readouterr().out
