@@ -248,9 +248,8 @@ def evaluate_model(lm, base, test_items, text_tokenizer, *, general=None, device
       references.
 
     ``device`` defaults to that of ``lm``'s parameters. Returns ``{"wer", "cer", "wer_ci", "cer_ci", "text_ppl",
-    "text_ppl_base",
-    "text_kl", "greedy_agreement", "transcript_ppl", "transcript_ppl_base", "transcript_kl", "examples"}``,
-    ``examples`` being the first five ``{"ref", "hyp"}`` pairs and ``greedy_agreement`` None when
+    "text_ppl_base", "text_kl", "greedy_agreement", "transcript_ppl", "transcript_ppl_base", "transcript_kl",
+    "examples"}``, ``examples`` being the first five ``{"ref", "hyp"}`` pairs and ``greedy_agreement`` None when
     ``n_continuations`` is 0.
     """
     if not test_items:
@@ -273,8 +272,7 @@ def evaluate_model(lm, base, test_items, text_tokenizer, *, general=None, device
     in_domain = degradation(refs, 0 if general is not None else n_continuations)
     deg = degradation(general, n_continuations) if general is not None else in_domain
     return {"wer": rates["wer"], "cer": rates["cer"], "wer_ci": rates["wer_ci"], "cer_ci": rates["cer_ci"],
-            "text_ppl": deg["text_ppl"],
-            "text_ppl_base": deg["text_ppl_base"], "text_kl": deg["text_kl"],
+            "text_ppl": deg["text_ppl"], "text_ppl_base": deg["text_ppl_base"], "text_kl": deg["text_kl"],
             "greedy_agreement": deg.get("greedy_agreement"), "transcript_ppl": in_domain["text_ppl"],
             "transcript_ppl_base": in_domain["text_ppl_base"], "transcript_kl": in_domain["text_kl"],
             "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps, strict=True))[:5]]}
