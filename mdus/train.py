@@ -609,7 +609,7 @@ def run(args) -> int:
         speech_tok.save(tok_dir)
     base, text_tok = load_base(args.model, device=device)
     progress = not args.no_progress
-    train_items, train_seqs = sequences_from_manifest(manifests["train"], speech_tok, text_tok, progress=progress)
+    _, train_seqs = sequences_from_manifest(manifests["train"], speech_tok, text_tok, progress=progress)
     dev_seqs = (sequences_from_manifest(manifests["dev"], speech_tok, text_tok, progress=progress)[1]
                 if manifests["dev"].is_file() else [])
     torch.manual_seed(args.seed)
@@ -628,9 +628,14 @@ def run(args) -> int:
     if cfg.text_kl != args.text_kl:
         print(f"mdus train: no text replay (--text-kl {args.text_kl:g}) for --route speech_only: its text path is "
               f"the frozen base's")
-    # Seed 0: the replay leaves out the passages `mdus eval` holds out (its general_text has seed 0).
-    replay = (general_text_replay([u.text for u, _, _ in train_items], text_tok, args.model, device=device)
-              if cfg.text_kl > 0 else None)
+    replay = None
+    if cfg.text_kl > 0:
+        from mdus.data.readers import read_manifest
+
+        # Every manifest sentence (not only those with readable audio) and seed 0, as `mdus eval` takes them: the
+        # replay then leaves out exactly the passages the evaluation holds out.
+        spoken = [u.text for u in read_manifest(manifests["train"])]
+        replay = general_text_replay(spoken, text_tok, args.model, device=device)
     summary = train(lm, train_seqs, dev_seqs, cfg, args.out, resume=args.resume, device=device, replay=replay)
     lm.save_trainable(args.out / "trainable.safetensors")
     print(json.dumps({k: v for k, v in summary.items() if k != "last"}), json.dumps(summary["last"]))
