@@ -591,6 +591,15 @@ def run(args) -> int:
     if not manifests["train"].is_file():
         print(f"mdus train: no {manifests['train']} (make one with `mdus data synth --out {args.data}`)")
         return 2
+    base, text_tok = load_base(args.model, device=device)
+    if args.method.startswith("dus-"):  # before any tokenizer fit: --placement / --n-insert that do not fit the model
+        from mdus.upscale import insertion_positions
+
+        try:
+            insertion_positions(len(base.get_decoder().layers), args.n_insert, args.placement)
+        except ValueError as exc:
+            print(f"mdus train: {exc}")
+            return 2
     tok_dir = args.tokenizer or args.out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         speech_tok = load_tokenizer(tok_dir)
@@ -607,19 +616,14 @@ def run(args) -> int:
                                       save_to=tok_dir, ctc_epochs=args.ctc_epochs, device=device,
                                       progress=not args.no_progress)
         speech_tok.save(tok_dir)
-    base, text_tok = load_base(args.model, device=device)
     progress = not args.no_progress
     _, train_seqs = sequences_from_manifest(manifests["train"], speech_tok, text_tok, progress=progress)
     dev_seqs = (sequences_from_manifest(manifests["dev"], speech_tok, text_tok, progress=progress)[1]
                 if manifests["dev"].is_file() else [])
     torch.manual_seed(args.seed)
-    try:
-        lm = build_method(base, args.method, speech_vocab_size=speech_tok.vocab_size, route=args.route,
-                          lora_params=args.lora_params, n_insert=args.n_insert, placement=args.placement,
-                          speech_encoder=speech_encoder_config(speech_tok, text_tok))
-    except ValueError as exc:  # --placement / --n-insert that do not fit the model
-        print(f"mdus train: {exc}")
-        return 2
+    lm = build_method(base, args.method, speech_vocab_size=speech_tok.vocab_size, route=args.route,
+                      lora_params=args.lora_params, n_insert=args.n_insert, placement=args.placement,
+                      speech_encoder=speech_encoder_config(speech_tok, text_tok))
     cfg = TrainConfig(lr=args.lr, speech_lr=args.speech_lr, max_steps=args.max_steps, max_tokens=args.max_tokens,
                       grad_accum=args.grad_accum, eval_every=args.eval_every, save_every=args.save_every,
                       seed=args.seed, budget_minutes=args.budget_minutes, progress=progress,

@@ -35,8 +35,9 @@ BLOCKS = ("transformer", "ebranchformer")
 IGNORE = -100
 
 
-def insertion_positions(n_layers: int, n_insert: int, placement: str | list[int]) -> list[int]:
+def insertion_positions(n_layers: int, n_insert: int | None, placement: str | list[int]) -> list[int]:
     """Where the new blocks go, as the number of original layers that run before each block (0..n_layers).
+    ``n_insert`` None: 25% of the depth for a named placement, the count of a list.
 
     * ``interleaved``: one block after every ``n_layers / n_insert`` layers (after layers 4, 8, ... for 32 + 8);
     * ``top`` / ``bottom`` / ``middle``: all blocks after the last layer / before the first / after layer L // 2;
@@ -55,6 +56,8 @@ def insertion_positions(n_layers: int, n_insert: int, placement: str | list[int]
         if n_insert is not None and n_insert != len(positions):
             raise ValueError(f"n_insert={n_insert} does not match the {len(positions)} positions given")
         return sorted(positions)
+    if n_insert is None:
+        n_insert = max(1, round(n_layers / 4))
     if n_insert < 0:
         raise ValueError(f"n_insert must be >= 0, got {n_insert}")
     if placement == "interleaved":
@@ -447,10 +450,7 @@ def upscale(model: nn.Module, *, n_insert: int | None = None, placement: str | l
         >>> lm = upscale(AutoModelForCausalLM.from_pretrained(path), block="ebranchformer", speech_vocab_size=5000)
         >>> print(describe(lm))
     """
-    n_layers = len(model.get_decoder().layers)
-    if n_insert is None and not isinstance(placement, (list, tuple)):
-        n_insert = max(1, round(n_layers / 4))
-    positions = insertion_positions(n_layers, n_insert, placement)
+    positions = insertion_positions(len(model.get_decoder().layers), n_insert, placement)
     config = SpeechLMConfig(method="dus", positions=positions, block=block, block_config=dict(block_config or {}),
                             speech_vocab_size=speech_vocab_size, route=route,
                             train_text_embeddings=train_text_embeddings, speech_encoder=dict(speech_encoder or {}))

@@ -167,3 +167,4 @@ def test_train_cli_bad_placement(tiny_setup, capsys):
     assert "placement positions must be in [0, 4]" in capsys.readouterr().out
     assert main(args + ["1,2", "--n-insert", "3"]) == 2
     assert "n_insert=3 does not match the 2 positions given" in capsys.readouterr().out
+    assert not (tiny_setup / "bad").exists()  # refused before any tokenizer fit
