@@ -6,12 +6,14 @@ Implementations (forward + backward of the mean loss over all N tokens):
     * ``mdus``: ``mdus_kernels.linear_cross_entropy`` (chunked, logits never materialized);
     * ``liger``: ``LigerFusedLinearCrossEntropyLoss`` when liger-kernel is installed (GPU only).
 
-Head: ``frozen`` (``weight.requires_grad=False``: depth up-scaling's case, no weight gradient) or ``trainable``.
+Head: ``frozen`` (``weight.requires_grad=False``: no weight gradient), ``trainable``, or ``speech`` (what a speech LM
+trains: the frozen text head plus a trainable speech head of ``--speech-vocab`` rows; ``mdus`` takes the two blocks,
+eager the concatenated head a user would build, liger has no form for it).
 Before timing, each implementation's loss and gradients are compared with eager's (at the dtype's tolerance); a
 mismatch is recorded (``status=mismatch``) and not timed.
 
 FLOPs (explicit): each GEMM is 2*N*d*V: the logits, grad_hidden, and grad_weight when the head is trainable, so
-fwd+bwd = 2*N*d*V * (2 + trainable). Softmax work is ignored. TFLOP/s = FLOPs / ms_p50 / 1e9.
+fwd+bwd = 2*N*d*V * 2 + 2*N*d*(trainable rows). Softmax work is ignored. TFLOP/s = FLOPs / ms_p50 / 1e9.
 ``time_vs_eager`` and ``mem_vs_eager`` are ratios to eager in the same run (issue targets: memory <= 0.25x; time
 <= 1.2x on CPU, <= 1.0x on GPU).
 """
@@ -33,8 +35,8 @@ import mdus_kernels as mk
 OP = "linear_cross_entropy"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (3e-2, 1e-3), torch.float16: (1e-2, 1e-4)}
-TABLE = ("impl", "head", "tokens", "d", "V", "dtype", "ms_p20", "ms_p50", "ms_p80", "TFLOP/s", "peak_mem_MB",
-         "time_vs_eager", "mem_vs_eager", "status")
+TABLE = ("impl", "head", "tokens", "d", "V", "V_speech", "dtype", "ms_p20", "ms_p50", "ms_p80", "TFLOP/s",
+         "peak_mem_MB", "time_vs_eager", "mem_vs_eager", "status")
 
 
 def liger_loss():
@@ -45,43 +47,48 @@ def liger_loss():
     return LigerFusedLinearCrossEntropyLoss()
 
 
-def make_impl(impl: str, hidden, weight, labels):
+def make_impl(impl: str, hidden, weights, labels):
     if impl == "eager":
-        return lambda: F.cross_entropy(F.linear(hidden, weight), labels)
+        return lambda: F.cross_entropy(F.linear(hidden, torch.cat(weights) if len(weights) > 1 else weights[0]),
+                                       labels)
     if impl == "mdus":
-        return lambda: mk.linear_cross_entropy(hidden, weight, labels)
+        return lambda: mk.linear_cross_entropy(hidden, tuple(weights) if len(weights) > 1 else weights[0], labels)
     loss = liger_loss()
-    if loss is None or hidden.device.type != "cuda":
+    if loss is None or hidden.device.type != "cuda" or len(weights) > 1:
         return None
-    return lambda: loss(weight, hidden, labels)
+    return lambda: loss(weights[0], hidden, labels)
 
 
-def run(fn, hidden, weight):
-    """One fwd+bwd; returns (loss, grad_hidden, grad_weight) and clears the gradients."""
+def run(fn, hidden, weights):
+    """One fwd+bwd; returns (loss, grad_hidden, grad of each head block) and clears the gradients."""
     loss = fn()
     loss.backward()
-    out = (loss.detach().float(), hidden.grad, weight.grad)
+    out = (loss.detach().float(), hidden.grad, *(w.grad for w in weights))
     hidden.grad = None
-    weight.grad = None
+    for w in weights:
+        w.grad = None
     return out
 
 
-def run_case(n, d, v, dtype, trainable, impls, device, timing, base):
+def run_case(n, d, v, dtype, head, impls, device, timing, base, v_speech=0):
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_()
-    weight = (torch.randn(v, d, generator=gen) * d ** -0.5).to(device, dtype).requires_grad_(trainable)
-    labels = torch.randint(0, v, (n,), generator=gen).to(device)
-    flops = 2 * n * d * v * (2 + trainable)
-    expected = run(make_impl("eager", hidden, weight, labels), hidden, weight)
+    weights = [(torch.randn(v, d, generator=gen) * d ** -0.5).to(device, dtype).requires_grad_(head == "trainable")]
+    if head == "speech":
+        weights.append((torch.randn(v_speech, d, generator=gen) * d ** -0.5).to(device, dtype).requires_grad_())
+    v_all = sum(w.shape[0] for w in weights)
+    labels = torch.randint(0, v_all, (n,), generator=gen).to(device)
+    flops = 2 * n * d * (2 * v_all + sum(w.shape[0] for w in weights if w.requires_grad))
+    expected = run(make_impl("eager", hidden, weights, labels), hidden, weights)
     rows = []
     for impl in impls:
-        row = dict(base, impl=impl, head="trainable" if trainable else "frozen", tokens=n, d=d, V=v,
+        row = dict(base, impl=impl, head=head, tokens=n, d=d, V=v, V_speech=v_speech if head == "speech" else 0,
                    dtype=str(dtype).removeprefix("torch."), status="ok", note="")
-        fn = make_impl(impl, hidden, weight, labels)
+        fn = make_impl(impl, hidden, weights, labels)
         if fn is None:
-            rows.append(dict(row, status="skipped", note="not installed or not on this device"))
+            rows.append(dict(row, status="skipped", note="not installed, not on this device, or no multi-block form"))
             continue
-        step = lambda fn=fn: run(fn, hidden, weight)  # noqa: E731
+        step = lambda fn=fn: run(fn, hidden, weights)  # noqa: E731
         try:
             got = step()
             rtol, atol = TOL[dtype]
@@ -127,7 +134,10 @@ def main(argv=None) -> int:
     p.add_argument("--dims", type=int, nargs="+", help="d (default cpu: 576; cuda: 576 960 2048)")
     p.add_argument("--vocab", type=int, nargs="+", default=[49152, 62344], help="V (default 49152 62344)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default cpu: float32, cuda: bfloat16")
-    p.add_argument("--heads", nargs="+", default=["frozen", "trainable"], choices=["frozen", "trainable"])
+    p.add_argument("--heads", nargs="+", default=["frozen", "trainable", "speech"],
+                   choices=["frozen", "trainable", "speech"])
+    p.add_argument("--speech-vocab", type=int, default=5000,
+                   help="rows of the speech head for --heads speech (default 5000: the paper's k-means units)")
     p.add_argument("--out", type=Path, default=C.DEFAULT_OUT)
     p.add_argument("--quick", action="store_true", help="one small case (smoke test)")
     args = p.parse_args(argv)
@@ -153,7 +163,8 @@ def main(argv=None) -> int:
                 for head in args.heads:
                     print(f"case N={n} d={d} V={v} head={head}", flush=True)
                     try:
-                        rows = run_case(n, d, v, dtype, head == "trainable", impls, device, timing, base)
+                        rows = run_case(n, d, v, dtype, head, impls, device, timing, base,
+                                        v_speech=args.speech_vocab)
                     except torch.OutOfMemoryError as exc:
                         print(f"[skip] out of memory: {exc}", file=sys.stderr)
                         continue
