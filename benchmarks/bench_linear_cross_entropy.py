@@ -134,8 +134,8 @@ def main(argv=None) -> int:
     p.add_argument("--dims", type=int, nargs="+", help="d (default cpu: 576; cuda: 576 960 2048)")
     p.add_argument("--vocab", type=int, nargs="+", default=[49152, 62344], help="V (default 49152 62344)")
     p.add_argument("--dtype", choices=list(DTYPES), help="default cpu: float32, cuda: bfloat16")
-    p.add_argument("--heads", nargs="+", default=["frozen", "trainable", "speech"],
-                   choices=["frozen", "trainable", "speech"])
+    p.add_argument("--heads", nargs="+", default=["frozen", "trainable"], choices=["frozen", "trainable", "speech"],
+                   help="default frozen trainable (speech: opt-in, to keep the GPU sweep's case count)")
     p.add_argument("--speech-vocab", type=int, default=5000,
                    help="rows of the speech head for --heads speech (default 5000: the paper's k-means units)")
     p.add_argument("--out", type=Path, default=C.DEFAULT_OUT)
