@@ -63,9 +63,9 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str], *, confide
     pairs = [(r, h) for r, h in pairs if r]
     if not pairs:
         raise ValueError("every reference is empty after normalization: WER is undefined")
-    refs, hyps = [r for r, _ in pairs], [h for _, h in pairs]
-    # Per utterance: word errors, reference words, character errors, reference characters. The corpus rates
-    # are ratios of their sums, so a resample of the utterances is a resample of these rows.
+    # Per utterance (jiwer's alignments): word errors, reference words, character errors, reference characters.
+    # The corpus rates (jiwer.wer / jiwer.cer of the lists) are ratios of their sums, so a resample of the
+    # utterances is a resample of these rows.
     counts = []
     for r, h in pairs:
         w, c = jiwer.process_words(r, h), jiwer.process_characters(r, h)
@@ -76,7 +76,8 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str], *, confide
     sums = counts[picks].sum(1)
     q = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
     wer_ci, cer_ci = (torch.quantile(sums[:, i] / sums[:, i + 1], q).tolist() for i in (0, 2))
-    return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "wer_ci": wer_ci, "cer_ci": cer_ci,
+    total = counts.sum(0).tolist()
+    return {"wer": total[0] / total[1], "cer": total[2] / total[3], "wer_ci": wer_ci, "cer_ci": cer_ci,
             "utterances": len(pairs)}
 
 

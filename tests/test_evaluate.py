@@ -60,6 +60,7 @@ def test_error_rate_confidence_intervals():
                             dtype=torch.float64)
         expect = torch.quantile(boot, torch.tensor([0.05, 0.95], dtype=torch.float64)).tolist()
         assert r[f"{key}_ci"] == pytest.approx(expect, rel=1e-12)
+        assert r[key] == rate(refs, hyps)  # the corpus rate from the same per-utterance counts is jiwer's own
     lo, hi = E.error_rates(refs, hyps, n_boot=400, confidence=0.9)["wer_ci"]
     many = E.error_rates(refs * 9, hyps * 9, n_boot=400, confidence=0.9)  # 9x the utterances: ~1/3 the width
     assert many["wer"] == pytest.approx(r["wer"]) and 0 < many["wer_ci"][1] - many["wer_ci"][0] < (hi - lo) / 2
