@@ -46,15 +46,20 @@ def _value_checks_enabled(t: torch.Tensor) -> bool:
     return not (t.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
-def check_offsets_values(offsets: torch.Tensor, name: str, total: int, total_name: str) -> None:
-    """``offsets[0] == 0``, ``offsets[-1] == total`` and non-decreasing; raises ValueError naming the problem.
+def check_offsets_values(offsets: torch.Tensor, name: str, total: int, total_name: str,
+                         max_len: int | None = None, max_len_name: str = "max_seqlen") -> None:
+    """``offsets[0] == 0``, ``offsets[-1] == total`` and non-decreasing, and with ``max_len`` no segment longer
+    than it (a kernel grid sized by ``max_len`` would leave longer segments' rows unwritten); raises ValueError
+    naming the problem.
 
     One device sync on GPU; the detailed message is only computed on failure.
     """
     if not _value_checks_enabled(offsets):
         return
     o = offsets.long()
-    first, last, n_bad = torch.stack([o[0], o[-1], (o[1:] < o[:-1]).sum()]).tolist()
+    lengths = o[1:] - o[:-1]
+    longest = lengths.max() if lengths.numel() else o.new_zeros(())
+    first, last, n_bad, longest = torch.stack([o[0], o[-1], (lengths < 0).sum(), longest]).tolist()
     if first != 0:
         raise ValueError(f"{name}[0] must be 0, got {first}")
     if n_bad:
@@ -63,3 +68,5 @@ def check_offsets_values(offsets: torch.Tensor, name: str, total: int, total_nam
                          f"{name}[{i}]={int(o[i])} > {name}[{i + 1}]={int(o[i + 1])}")
     if last != total:
         raise ValueError(f"{name}[-1] must equal {total_name}={total}, got {last}")
+    if max_len is not None and longest > max_len:
+        raise ValueError(f"{max_len_name}={max_len} is smaller than the longest sequence in {name} ({longest})")

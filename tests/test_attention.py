@@ -202,6 +202,46 @@ def test_fully_masked_rows_are_zero(dev, backend, use_backend):
     assert (q.grad[:13] == 0).all()
 
 
+@pytest.mark.parametrize("dev,backend", DEV_BACKENDS)
+def test_strided_index_tensors(dev, backend, use_backend):
+    """cu_seqlens and prefix_lens given as strided views (every other element) read the right values."""
+    use_backend(backend)
+    lengths = [5, 0, 9, 3]
+    cu = _cu(lengths, dev)
+    q, k, v = _inputs(cu[-1], cu[-1], 4, 2, 16, torch.float32, 12, dev)
+    prefix = torch.tensor([2, 0, 4, 1], device=dev)
+    cu_strided = torch.stack([cu, torch.full_like(cu, 99)], 1).flatten()[::2]
+    prefix_strided = torch.stack([prefix, torch.full_like(prefix, 50)], 1).flatten()[::2]
+    assert not cu_strided.is_contiguous() and torch.equal(cu_strided, cu)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(dev)
+    runs = []
+    for c, p in ((cu, prefix), (cu_strided, prefix_strided)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = mk.attention(*leaves, cu_seqlens=c, max_seqlen=9, prefix_lens=p)
+        runs.append([out, *torch.autograd.grad(out, leaves, dout)])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.4])
+@pytest.mark.parametrize("dev,backend", DEV_BACKENDS)
+def test_nonpositive_softmax_scale(dev, backend, use_backend, scale):
+    """A zero or negative scale is plain math (uniform or reversed attention): every backend, the causal fast
+    paths included, gives the reference's finite values."""
+    use_backend(backend)
+    cu = _cu([7, 4], dev)
+    q, k, v = _inputs(cu[-1], cu[-1], 2, 1, 16, torch.float32, 13, dev)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = mk.attention(*leaves, cu_seqlens=cu, max_seqlen=7, softmax_scale=scale, return_lse=True)
+    grads = torch.autograd.grad(out.sum(), leaves)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    exp_out, exp_lse = ref.attention(*leaves64, cu, cu, causal=True, softmax_scale=scale)
+    exp_grads = torch.autograd.grad(exp_out.sum(), leaves64)
+    for a, b in zip((out, lse, *grads), (exp_out, exp_lse, *exp_grads), strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dev,backend", KERNELS)
 def test_long_sequence(dev, backend, use_backend):
     """One 1023-token causal sequence (slow under the interpreter, so one dtype and one head)."""
@@ -305,5 +345,9 @@ def test_bad_inputs():
         mk.attention(q, k, v, cu_seqlens=cu, causal=False, prefix_lens=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="pair"):
         mk.attention(q, k, v, cu_seqlens=(cu, cu, cu))
+    with pytest.raises(ValueError, match=r"max_seqlen_q=5 is smaller than the longest sequence in cu_seqlens_q \(6\)"):
+        mk.attention(q, k, v, cu_seqlens=cu, max_seqlen=5)
+    with pytest.raises(ValueError, match=r"max_seqlen must be an int >= 0"):
+        mk.attention(q, k, v, cu_seqlens=cu, max_seqlen=-1)
     with pytest.raises(ValueError, match="same batch size"):
         mk.attention(q.view(2, 5, 4, 16), k.view(1, 10, 2, 16), v.view(1, 10, 2, 16))

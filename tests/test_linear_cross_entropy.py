@@ -179,8 +179,11 @@ def test_bad_arguments():
         mk.linear_cross_entropy(hidden, w1, labels, reduction="avg")
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
         mk.linear_cross_entropy(hidden, w1, labels, label_smoothing=1.5)
-    with pytest.raises(ValueError, match=r"logit_softcap must be > 0 or None, got 0"):
-        mk.linear_cross_entropy(hidden, w1, labels, logit_softcap=0)
+    for cap in (0, float("inf")):
+        with pytest.raises(ValueError, match=rf"logit_softcap must be finite and > 0, or None, got {cap}"):
+            mk.linear_cross_entropy(hidden, w1, labels, logit_softcap=cap)
+    with pytest.raises(ValueError, match=r"weight must have at least one row"):
+        mk.linear_cross_entropy(hidden, w1[:0], torch.full_like(labels, -100))
     with pytest.raises(ValueError, match=r"weight_requires_grad must have one flag per weight block \(2\), got 1"):
         mk.linear_cross_entropy(hidden, (w1, w2), labels, weight_requires_grad=(True,))
     with pytest.raises(ValueError, match=r"weight must be a tensor or a non-empty tuple"):
@@ -275,6 +278,10 @@ def test_kl_bad_arguments():
         mk.linear_kl_div(hidden, (w1, w2), th, tw, mask=mask.long())
     with pytest.raises(ValueError, match=r"temperature must be > 0, got 0"):
         mk.linear_kl_div(hidden, (w1, w2), th, tw, temperature=0)
+    with pytest.raises(ValueError, match=r"teacher_hidden must be on cpu"):
+        mk.linear_kl_div(hidden, (w1, w2), th.to("meta"), tw.to("meta"))
+    with pytest.raises(TypeError, match=r"teacher_weight must be one \(V_t, d_t\) torch.Tensor, got tuple"):
+        mk.linear_kl_div(hidden, (w1, w2), th, (tw[:10], tw[10:]))
 
 
 # ---------------------------------------------------------------------------------------------- Triton row kernels

@@ -308,6 +308,8 @@ def test_bad_x_and_reduce():
 
 
 def test_bad_builder_arguments():
+    with pytest.raises(ValueError, match=r"cu_seqlens must be a torch.Tensor, got list"):
+        mk.static_patch_offsets([0, 5], 2)
     with pytest.raises(ValueError, match=r"patch_size must be an int >= 1, got 0"):
         mk.static_patch_offsets(torch.tensor([0, 5]), 0)
     with pytest.raises(ValueError, match=r"cu_seqlens must be non-decreasing"):

@@ -365,6 +365,13 @@ def _common_meta(q, k, causal, prefix_lens):
                 BLOCK_D=_block_d(q.shape[-1]))
 
 
+def _index_args(cu_q, cu_k, prefix_lens):
+    """The kernels index cu_seqlens and prefix_lens densely (``p + b``): strided views must be made contiguous.
+    Without a prefix the kernels never read ``prefix`` (HAS_PREFIX=False); cu_q stands in for the pointer."""
+    cu_q, cu_k = cu_q.contiguous(), cu_k.contiguous()
+    return cu_q, cu_k, (prefix_lens.contiguous() if prefix_lens is not None else cu_q)
+
+
 def attention_fwd_triton(q, k, v, cu_q, cu_k, prefix_lens, max_q, causal, scale, deterministic):
     total_q, hq, d = q.shape
     out = torch.empty_like(q)
@@ -372,7 +379,7 @@ def attention_fwd_triton(q, k, v, cu_q, cu_k, prefix_lens, max_q, causal, scale,
     batch = cu_q.shape[0] - 1
     if total_q == 0 or batch == 0:
         return out, lse
-    prefix = prefix_lens if prefix_lens is not None else cu_q
+    cu_q, cu_k, prefix = _index_args(cu_q, cu_k, prefix_lens)
     args = (q, k, v, out, lse, cu_q, cu_k, prefix, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             v.stride(0), v.stride(1), out.stride(0), out.stride(1), total_q, k.shape[0], d, scale * _LOG2E)
     _launch("fwd", max_q, (batch, hq), deterministic, args, **_common_meta(q, k, causal, prefix_lens))
@@ -392,7 +399,7 @@ def attention_bwd_triton(dout, dlse, q, k, v, out, lse, cu_q, cu_k, prefix_lens,
     _attn_bwd_delta_kernel[(triton.cdiv(total_q, 64), hq)](
         out, dout, dlse if dlse is not None else lse, delta, out.stride(0), out.stride(1), dout.stride(0),
         dout.stride(1), total_q, d, HAS_DLSE=dlse is not None, BLOCK_T=64, BLOCK_D=meta["BLOCK_D"])
-    prefix = prefix_lens if prefix_lens is not None else cu_q
+    cu_q, cu_k, prefix = _index_args(cu_q, cu_k, prefix_lens)
     common = (cu_q, cu_k, prefix, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               dout.stride(0), dout.stride(1))
     dkdv_args = (q, k, v, dout, lse, delta, dk, dv, *common, dk.stride(0), dk.stride(1), dv.stride(0),
@@ -407,13 +414,15 @@ def attention_bwd_triton(dout, dlse, q, k, v, out, lse, cu_q, cu_k, prefix_lens,
 # ---------------------------------------------------------------------------------------- CPU path (ATen SDPA)
 
 
-def _cpu_groups(cu_q, cu_k, prefix_lens, causal):
+def _cpu_groups(cu_q, cu_k, prefix_lens, causal, scale):
     """Batches of sequences for ATen's fused CPU kernels, which take (B, H, L, D) batches of equal lengths: all
     sequences at once when they share (Lq, Lk, prefix) (the padded layout), else one call per sequence.
 
     Yields (first query row, first key row, sequences, Lq, Lk, first live row, is_causal, additive-mask maker).
     Rows before the first live row see no key: they stay 0 with lse = -inf by the spec (ATen would give lse = 0),
-    so they are left out of the call. ``is_causal`` is used only where ATen's top-left causal mask equals ours.
+    so they are left out of the call. ``is_causal`` is used only where ATen's top-left causal mask equals ours,
+    and only for a positive scale: ATen scales its causal mask too, and 0 or a negative scale turns -inf into NaN
+    or +inf (the additive mask is added after the scaling).
     """
     cq, ck = cu_q.tolist(), cu_k.tolist()
     batch = len(cq) - 1
@@ -432,7 +441,7 @@ def _cpu_groups(cu_q, cu_k, prefix_lens, causal):
             continue
         if not causal or p >= lk or lq == 1:  # (one causal query row, as in decoding, is the last: it sees all)
             yield cq[b], ck[b], n, lq, lk, first, False, None
-        elif p == 0 and lq == lk:
+        elif p == 0 and lq == lk and scale > 0:
             yield cq[b], ck[b], n, lq, lk, first, True, None
         else:
             yield cq[b], ck[b], n, lq, lk, first, False, ref.visible(lq, lk, True, p, cu_q.device)[first:]
@@ -452,7 +461,7 @@ def _batch(t: torch.Tensor, start: int, n: int, length: int, first: int = 0) -> 
 def attention_fwd_cpu(q, k, v, cu_q, cu_k, prefix_lens, causal, scale):
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=ref.acc_dtype(q.dtype), device=q.device)
-    for q0, k0, n, lq, lk, first, is_causal, vis in _cpu_groups(cu_q, cu_k, prefix_lens, causal):
+    for q0, k0, n, lq, lk, first, is_causal, vis in _cpu_groups(cu_q, cu_k, prefix_lens, causal, scale):
         o, s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _batch(q, q0, n, lq, first), _batch(k, k0, n, lk), _batch(v, k0, n, lk), 0.0, is_causal,
             attn_mask=_additive(vis, q.dtype), scale=scale)
@@ -470,7 +479,7 @@ def attention_bwd_cpu(dout, q, k, v, out, lse, cu_q, cu_k, prefix_lens, causal, 
                                   scale)
         return tuple(g.to(dtype) for g in grads)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    for q0, k0, n, lq, lk, first, is_causal, vis in _cpu_groups(cu_q, cu_k, prefix_lens, causal):
+    for q0, k0, n, lq, lk, first, is_causal, vis in _cpu_groups(cu_q, cu_k, prefix_lens, causal, scale):
         s = lse[:, q0:q0 + n * lq].view(-1, n, lq)[:, :, first:].transpose(0, 1)
         gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             _batch(dout, q0, n, lq, first), _batch(q, q0, n, lq, first), _batch(k, k0, n, lk), _batch(v, k0, n, lk),
@@ -495,8 +504,8 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
                       cu_seqlens_k: torch.Tensor, prefix_lens: torch.Tensor | None, max_seqlen_q: int,
                       max_seqlen_k: int, causal: bool, softmax_scale: float,
                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    check_offsets_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q.shape[0]")
-    check_offsets_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "k.shape[0]")
+    check_offsets_values(cu_seqlens_q, "cu_seqlens_q", q.shape[0], "q.shape[0]", max_seqlen_q, "max_seqlen_q")
+    check_offsets_values(cu_seqlens_k, "cu_seqlens_k", k.shape[0], "k.shape[0]", max_seqlen_k, "max_seqlen_k")
     backend = _choose(q.device)
     if backend == "triton" and q.dtype == torch.float64:
         if _backend.requested_backend() == "triton":
@@ -590,7 +599,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens=N
         cu_seqlens: ``(B + 1,)`` int32 cumulative sequence lengths for the packed layout (``None`` for padded),
             or a ``(cu_seqlens_q, cu_seqlens_k)`` pair when queries and keys differ in length (a KV cache).
         max_seqlen: the longest sequence as a Python int (or a (q, k) pair); computed from ``cu_seqlens`` (one
-            device sync) when omitted.
+            device sync) when omitted. A value below the longest sequence raises (it would size the GPU grid).
         causal: causal mask, aligned bottom-right when a sequence has fewer queries than keys.
         prefix_lens: ``(B,)`` int: the first ``prefix_lens[b]`` tokens of sequence ``b`` are visible to all of
             its queries, so they attend each other bidirectionally (prefix-LM). Needs ``causal=True``.
@@ -647,6 +656,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens=N
             max_k = max_q if cu_k is cu_q else (int((cu_k[1:] - cu_k[:-1]).max()) if batch else 0)
         else:
             max_q, max_k = _as_pair(max_seqlen, "max_seqlen")
+            for m in (max_q, max_k):
+                if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+                    raise ValueError(f"max_seqlen must be an int >= 0 (the longest sequence), got {max_seqlen!r}")
         q3, k3, v3 = q, k, v
     if prefix_lens is not None:
         check_tensor(prefix_lens, "prefix_lens", ndim=1, dtypes=(torch.int32, torch.int64), device=q.device,

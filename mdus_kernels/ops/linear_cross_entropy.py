@@ -18,6 +18,7 @@ gradient, so the only chunk-sized buffers are the logits chunk (and, for KL, the
 ``ref.kl_logits_to_grad_``).
 """
 
+import math
 import os
 
 import torch
@@ -527,6 +528,8 @@ def _check_head(hidden, weight, hidden_name: str, weight_name: str) -> tuple[tor
                              f"got shape {tuple(w.shape)}")
         if w.dtype != hidden.dtype:
             raise TypeError(f"{name} must have {hidden_name}'s dtype {hidden.dtype}, got {w.dtype}")
+    if sum(w.shape[0] for w in weights) == 0:
+        raise ValueError(f"{weight_name} must have at least one row (a vocabulary of V >= 1 entries)")
     return weights
 
 
@@ -575,8 +578,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight, labels: torch.Tensor, *, 
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if logit_softcap is not None and not logit_softcap > 0:
-        raise ValueError(f"logit_softcap must be > 0 or None, got {logit_softcap}")
+    if logit_softcap is not None and not 0 < logit_softcap < math.inf:
+        raise ValueError(f"logit_softcap must be finite and > 0, or None, got {logit_softcap}")
     flags = _weight_flags(weights, weight_requires_grad)
     grad_on = torch.is_grad_enabled()
     loss, _, _ = torch.ops.mdus.linear_cross_entropy(
@@ -610,6 +613,9 @@ def linear_kl_div(student_hidden: torch.Tensor, student_weight, teacher_hidden: 
         >>> kl.backward()
     """
     weights = _check_head(student_hidden, student_weight, "student_hidden", "student_weight")
+    if not isinstance(teacher_weight, torch.Tensor):
+        raise TypeError(f"teacher_weight must be one (V_t, d_t) torch.Tensor, got {type(teacher_weight).__name__}")
+    check_tensor(teacher_hidden, "teacher_hidden", device=student_hidden.device)
     (teacher_weight,) = _check_head(teacher_hidden, teacher_weight, "teacher_hidden", "teacher_weight")
     n, v_s = student_hidden.shape[0], sum(w.shape[0] for w in weights)
     if teacher_hidden.shape[0] != n:

@@ -272,7 +272,7 @@ def patch_unpool(p: torch.Tensor, offsets: torch.Tensor, num_tokens: int | None 
 
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor) -> None:
-    check_offsets(cu_seqlens, "cu_seqlens", device=cu_seqlens.device)
+    check_offsets(cu_seqlens, "cu_seqlens", device=getattr(cu_seqlens, "device", None))
     check_offsets_values(cu_seqlens, "cu_seqlens", int(cu_seqlens[-1]), "cu_seqlens[-1]")
 
 
