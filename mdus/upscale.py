@@ -158,6 +158,10 @@ class SpeechLM(nn.Module):
         base.set_attn_implementation(ATTN_NAME)
         decoder = base.get_decoder()
         n_layers = len(decoder.layers)
+        bad = [p for p in config.positions if not 0 <= p <= n_layers]
+        if bad:
+            raise ValueError(f"insertion positions must be in [0, {n_layers}] (the base model has {n_layers} layers), "
+                             f"got {bad}")
         embed = base.get_input_embeddings()
         self.text_vocab_size, d = embed.weight.shape
         if head.weight.shape[0] != self.text_vocab_size:
@@ -178,13 +182,14 @@ class SpeechLM(nn.Module):
         self.speech_embed = None
         self.speech_out = None  # untied speech output rows; tied ones are speech_embed.weight
         if config.speech_vocab_size:
-            std = float(embed.weight.detach().float().std())
+            # (A skeleton on the meta device, which ``load`` builds to check a checkpoint, has no values.)
+            std = (lambda w: 1.0 if w.is_meta else float(w.detach().float().std()))  # noqa: E731
             self.speech_embed = nn.Embedding(config.speech_vocab_size, d, device=embed.weight.device,
                                              dtype=embed.weight.dtype)
-            nn.init.normal_(self.speech_embed.weight, std=std)
+            nn.init.normal_(self.speech_embed.weight, std=std(embed.weight))
             if head.weight is not embed.weight:  # the host unties its head: so do the speech rows
                 self.speech_out = nn.Parameter(torch.empty_like(self.speech_embed.weight).normal_(
-                    std=float(head.weight.detach().float().std())))
+                    std=std(head.weight)))
         self.speech_encoder = None
         if config.speech_encoder:
             from mdus.speech.subsampler import build_speech_encoder
@@ -229,7 +234,13 @@ class SpeechLM(nn.Module):
 
     def without_inserted(self) -> nn.Module:
         """The base model without the inserted blocks (and without the speech rows): the host model object itself,
-        whose weights are frozen, so it reproduces the base model exactly at any point of training."""
+        whose weights are frozen, so it reproduces the base model exactly at any point of training. Only depth
+        up-scaling with frozen text embeddings keeps that promise: full fine-tuning and ``train_text_embeddings``
+        train the host's own weights and LoRA injects its adapters into them, so for those this raises."""
+        if self.config.method != "dus" or self.config.train_text_embeddings:
+            what = "train_text_embeddings=True" if self.config.method == "dus" else f"method={self.config.method!r}"
+            raise ValueError(f"without_inserted() is the untouched base only for depth up-scaling with frozen text "
+                             f"embeddings; this model ({what}) trains the host's own weights")
         return self.base
 
     def stack(self) -> list[tuple[str, nn.Module]]:
@@ -361,20 +372,37 @@ class SpeechLM(nn.Module):
             return input_ids.unsqueeze(0), None, position_ids.reshape(1, -1), kwargs
         if input_ids.dim() != 2:
             raise ValueError(f"padded input_ids must be 2-D (batch, tokens), got shape {tuple(input_ids.shape)}")
+        past = self._fit_cache(past_key_values).get_seq_length() if past_key_values is not None else 0
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[0] != input_ids.shape[0]:
-                raise ValueError(f"attention_mask must be (batch, past + tokens) = ({input_ids.shape[0]}, ...), got "
-                                 f"{tuple(attention_mask.shape)}")
+            expected = (input_ids.shape[0], past + input_ids.shape[1])
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(f"attention_mask must be (batch, past + tokens) = {expected} (the KV cache holds "
+                                 f"{past} tokens), got {tuple(attention_mask.shape)}")
             attention_mask = attention_mask.bool()
             if bool(attention_mask.all()):
                 attention_mask = None  # no padding: plain causal attention
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
             else:
                 position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         return input_ids, attention_mask, position_ids, kwargs
+
+    def _fit_cache(self, cache):
+        """``cache`` with a slot for every layer of the up-scaled stack. Inserted blocks use the slots after the
+        host's layers; a cache built for the host (``DynamicCache(config=...)``, as ``generate`` builds it) has
+        only the host's slots, so full-attention slots are added for the blocks."""
+        from transformers.cache_utils import DynamicCache, DynamicLayer
+
+        need = len(self.base.get_decoder().layers) + len(self.blocks)
+        layers = getattr(cache, "layers", None)
+        if layers is None or len(layers) >= need or getattr(cache, "layer_class_to_replicate", None) is not None:
+            return cache
+        if not isinstance(cache, DynamicCache):
+            raise ValueError(f"past_key_values ({type(cache).__name__}) has {len(layers)} layer slots, the up-scaled "
+                             f"model needs {need} (its inserted blocks have their own): pass a DynamicCache")
+        layers.extend(DynamicLayer() for _ in range(need - len(layers)))
+        return cache
 
     @staticmethod
     def _targets(ids, labels, loss_mask, attention_mask, cu_seqlens):
@@ -392,8 +420,10 @@ class SpeechLM(nn.Module):
         labels = labels.reshape(ids.shape)
         targets = torch.full_like(labels, IGNORE)
         targets[:, :-1] = labels[:, 1:]
-        if attention_mask is not None:
-            targets[:, :-1].masked_fill_(~attention_mask[:, -ids.shape[1]:][:, 1:], IGNORE)
+        if attention_mask is not None:  # a padding position neither is a target nor predicts one (left padding)
+            valid = attention_mask[:, -ids.shape[1]:]
+            targets[:, :-1].masked_fill_(~valid[:, 1:], IGNORE)
+            targets.masked_fill_(~valid, IGNORE)
         if cu_seqlens is not None:
             ends = cu_seqlens[1:].long() - 1
             targets[0, ends[ends >= 0]] = IGNORE  # the last token of a sequence has nothing to predict
@@ -412,7 +442,8 @@ class SpeechLM(nn.Module):
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in self.trainable_state_dict().items()}
         meta = {"mdus_config": json.dumps(asdict(self.config)),
-                "base_model": str(getattr(self.base.config, "_name_or_path", ""))}
+                "base_model": str(getattr(self.base.config, "_name_or_path", "")),
+                "base_shape": json.dumps(_base_shape(self.base))}
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
@@ -509,6 +540,13 @@ def lora(model: nn.Module, *, rank: int | None = None, match_params: int | None 
                                           speech_encoder=dict(speech_encoder or {})))
 
 
+def _base_shape(model: nn.Module) -> dict:
+    """What a checkpoint's trainable tensors assume of the base beyond their own shapes: the depth the insertion
+    positions count in, and the text vocabulary the speech ids sit above."""
+    return {"layers": len(model.get_decoder().layers), "text_vocab": model.get_input_embeddings().weight.shape[0],
+            "hidden": model.get_input_embeddings().weight.shape[1]}
+
+
 def _rebuild(model: nn.Module, config: SpeechLMConfig) -> SpeechLM:
     if config.method == "lora":
         lo = config.lora
@@ -529,20 +567,48 @@ def load(path: str | Path, model: nn.Module) -> SpeechLM:
         meta = f.metadata() or {}
     if "mdus_config" not in meta:
         raise ValueError(f"{path} is not an mdus checkpoint (no mdus_config metadata)")
-    wrapper = _rebuild(model, SpeechLMConfig(**json.loads(meta["mdus_config"])))
-    tensors = load_file(str(path), device=str(model.get_input_embeddings().weight.device))
-    expected = wrapper.trainable_state_dict()
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    config = SpeechLMConfig(**json.loads(meta["mdus_config"]))
+    saved, have = json.loads(meta.get("base_shape", "{}")), _base_shape(model)
+    wrong = [f"{k}: checkpoint {saved[k]}, model {have[k]}" for k in saved if saved[k] != have.get(k)]
+    if wrong:
+        raise ValueError(f"{path} was saved from a different base model ({'; '.join(wrong)})")
+    # Names and shapes are checked on a skeleton (meta device) first, so a mismatch leaves ``model`` untouched.
+    try:
+        with torch.device("meta"):
+            skeleton = type(model)(copy.deepcopy(model.config))  # its own config: the wrapper edits it
+    except Exception:  # a host that cannot be rebuilt from its config: checked on the model itself below
+        skeleton = None
+    if skeleton is not None:
+        with torch.device("meta"):
+            _check_tensors(path, _rebuild(skeleton, config))
+    wrapper = _rebuild(model, config)
+    device = str(model.get_input_embeddings().weight.device)
+    tensors = _check_tensors(path, wrapper, load_file(str(path), device=device))
     params = dict(wrapper.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
-            if params[name].shape != value.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model expects "
-                                 f"{tuple(params[name].shape)}")
             params[name].copy_(value)
     return wrapper
+
+
+def _check_tensors(path: Path, wrapper: SpeechLM, tensors: dict | None = None) -> dict:
+    """Raises unless the checkpoint at ``path`` (or its loaded ``tensors``) holds exactly ``wrapper``'s trainable
+    tensors, with their shapes; returns ``tensors``."""
+    from safetensors import safe_open
+
+    if tensors is None:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    else:
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    expected = {k: tuple(v.shape) for k, v in wrapper.trainable_state_dict().items()}
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            raise ValueError(f"{path}: {name} has shape {shape}, the model expects {expected[name]}")
+    return tensors
 
 
 # ------------------------------------------------------------------------------------------------------ report

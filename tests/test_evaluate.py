@@ -78,6 +78,44 @@ def test_greedy_decode_cache_matches_recompute(block):
     assert torch.equal(cached, full) and cached.numel() == 12 and int(cached.max()) < V
 
 
+@pytest.mark.parametrize("block", ["transformer", "ebranchformer"])
+def test_cache_built_from_the_host_config(block):
+    """``DynamicCache(config=...)``, the way ``generate`` builds it, has slots for the host's layers only: the
+    wrapper adds the inserted blocks' and decodes as with a plain ``DynamicCache()``."""
+    from transformers import DynamicCache
+
+    lm, _ = _pair(block, perturb=0.3)
+    ids = torch.tensor([[V + 1, V + 4, 5, 9]])
+    outs = []
+    for cache in (DynamicCache(), DynamicCache(config=lm.base.config)):
+        first = lm(ids, past_key_values=cache, use_cache=True, return_logits=True).logits
+        step = lm(torch.tensor([[7]]), past_key_values=cache, use_cache=True, return_logits=True).logits
+        outs.append(torch.cat([first, step], 1))
+        assert len(cache.layers) == CONFIG.num_hidden_layers + len(lm.blocks)
+    assert torch.equal(*outs)
+
+
+def test_ebranchformer_conv_state_follows_the_cache():
+    """The E-Branchformer keeps its conv history beside the KV cache: a cache cropped behind its back raises
+    instead of decoding with the wrong history, and a reset cache starts afresh."""
+    from transformers import DynamicCache
+
+    lm, _ = _pair("ebranchformer", perturb=0.3)
+    prompt, more = torch.tensor([[V + 1, V + 4, V + 2, 5]]), torch.tensor([[9, 3]])
+    whole = lm(torch.cat([prompt, more], 1), return_logits=True).logits
+    cache = DynamicCache()
+    for _ in range(2):  # the second time on the emptied cache: a new prompt starts a new history
+        lm(prompt, past_key_values=cache, use_cache=True)
+        torch.testing.assert_close(lm(more, past_key_values=cache, use_cache=True, return_logits=True).logits,
+                                   whole[:, -2:], rtol=1e-5, atol=1e-5)
+        cache.crop(-6)  # negative: the tokens to drop (transformers 4.x and 5.x agree on that form)
+    lm(torch.cat([prompt, more], 1), past_key_values=cache, use_cache=True)
+    cache.crop(-1)
+    with pytest.raises(ValueError, match=r"the KV cache holds 5 tokens but this E-Branchformer block's conv state "
+                                         r"was saved at 6"):
+        lm(more[:, :1], past_key_values=cache, use_cache=True)
+
+
 def test_greedy_decode_ebranchformer_and_eos():
     lm, _ = _pair("ebranchformer", perturb=0.3)
     prompt = torch.tensor([V + 1, V + 2, 3])

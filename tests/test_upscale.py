@@ -16,7 +16,7 @@ from transformers import (
 )
 
 import mdus
-from mdus.upscale import LORA_TARGETS
+from mdus.upscale import LORA_TARGETS, SpeechLMConfig
 
 V = 96
 SHAPE = dict(vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=8, num_attention_heads=6,
@@ -146,6 +146,24 @@ def test_packed_and_padded_losses_agree():
     torch.testing.assert_close(padded.loss, packed.loss, atol=1e-5, rtol=1e-5)
 
 
+def test_left_and_right_padding_and_packing_give_the_same_loss():
+    """Sequences that start with a target-bearing token: a left-padding position must not predict the first real
+    token."""
+    model, _ = _pair("llama")
+    lm = _train(mdus.upscale(model, speech_vocab_size=20), steps=1)
+    seqs = [torch.tensor([10, 11, 12, 13]), torch.tensor([20, 21]), torch.tensor([V + 3, 5, 6])]
+    ids = torch.cat(seqs)
+    packed = lm(ids, cu_seqlens=torch.tensor([0, 4, 6, 9], dtype=torch.int32), labels=ids).loss
+    for left in (True, False):
+        batch = torch.zeros(3, 4, dtype=torch.long)
+        mask = torch.zeros(3, 4, dtype=torch.long)
+        for i, t in enumerate(seqs):
+            cols = slice(4 - len(t), 4) if left else slice(0, len(t))
+            batch[i, cols], mask[i, cols] = t, 1
+        padded = lm(batch, attention_mask=mask, labels=torch.where(mask.bool(), batch, 7)).loss
+        torch.testing.assert_close(padded, packed, atol=1e-6, rtol=1e-6)
+
+
 def test_loss_matches_eager_cross_entropy():
     model, _ = _pair("llama")
     lm = _train(mdus.upscale(model, speech_vocab_size=20), steps=1)
@@ -220,6 +238,40 @@ def test_bad_inputs():
         mdus.upscale(_pair("llama")[0], route="text_only")
     with pytest.raises(TypeError, match="input_ids must be"):
         lm(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match=r"attention_mask must be \(batch, past \+ tokens\) = \(2, 3\).*got \(2, 5\)"):
+        lm(torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"insertion positions must be in \[0, 8\].*got \[9\]"):
+        mdus.SpeechLM(_pair("llama")[0], SpeechLMConfig(positions=[2, 9]))
+
+
+def test_without_inserted_only_where_the_host_is_untouched():
+    for lm in (mdus.upscale(_pair("llama")[0], train_text_embeddings=True), mdus.lora(_pair("llama")[0], rank=2),
+               mdus.full_finetune(_pair("llama")[0])):
+        with pytest.raises(ValueError, match="without_inserted"):
+            lm.without_inserted()
+
+
+def test_load_checks_the_base_before_touching_it(tmp_path):
+    small = dict(SHAPE, num_hidden_layers=4)
+    path = mdus.upscale(LlamaForCausalLM(LlamaConfig(**SHAPE)), placement=[2, 8], speech_vocab_size=5).save_trainable(
+        tmp_path / "dus.safetensors")
+    with pytest.raises(ValueError, match=r"different base model \(layers: checkpoint 8, model 4\)"):
+        mdus.load(path, LlamaForCausalLM(LlamaConfig(**small)))
+    with pytest.raises(ValueError, match=r"text_vocab: checkpoint 96, model 100"):
+        mdus.load(path, LlamaForCausalLM(LlamaConfig(**dict(SHAPE, vocab_size=100))))
+    # Same depth, width and vocabulary, other projection shapes: the names match, the shapes do not. The check
+    # runs on a skeleton, so the model is left as it was (no adapters, nothing trainable, its own attention).
+    lora_path = mdus.lora(LlamaForCausalLM(LlamaConfig(**SHAPE)), rank=2).save_trainable(tmp_path / "lora.safetensors")
+    for p in (path, lora_path):
+        other = LlamaForCausalLM(LlamaConfig(**dict(SHAPE, intermediate_size=80, num_key_value_heads=3)))
+        before = {k: v.clone() for k, v in other.state_dict().items()}
+        attn, trainable = other.config._attn_implementation, [v.requires_grad for v in other.parameters()]
+        with pytest.raises(ValueError, match="the model expects"):
+            mdus.load(p, other)
+        assert other.config._attn_implementation == attn
+        assert [v.requires_grad for v in other.parameters()] == trainable
+        assert other.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
 def test_real_smollm2_135m():

@@ -184,15 +184,23 @@ class EBranchformerBlock(nn.Module):
         batch, t, _ = x.shape
         speech = gate if gate is not None else torch.ones(batch, t, dtype=torch.bool, device=x.device)
         store = cache.__dict__.setdefault("_mdus_conv_state", {})
-        empty = (x[:, :0], speech[:, :0], x.new_zeros(batch, 0, 2 * x.shape[-1]))
-        x_hist, s_hist, c_hist = store.get(self.layer_idx, empty)
+        # The attention has already added the new rows to the cache: it held ``past`` tokens before this call. The
+        # conv state must be the one saved when the cache held that many; a cache cropped or rewound since then
+        # (``DynamicCache.crop``) would pair the new rows with the wrong history.
+        past = cache.get_seq_length(self.layer_idx) - t
+        empty = (0, x[:, :0], speech[:, :0], x.new_zeros(batch, 0, 2 * x.shape[-1]))
+        seen, x_hist, s_hist, c_hist = store.get(self.layer_idx, empty) if past else empty
+        if seen != past:
+            raise ValueError(f"the KV cache holds {past} tokens but this E-Branchformer block's conv state was saved "
+                             f"at {seen} (the cache was cropped or rewound, or filled without this model): decode "
+                             "again from the prompt with a fresh cache")
         x_all, s_all = torch.cat([x_hist, x], 1), torch.cat([s_hist, speech], 1)
         c = torch.cat([a, self._cgmlp_branch(x_all, s_all, None)[:, -t:]], dim=-1)
         c_all = torch.cat([c_hist, c], 1)
         fused = self._merge_conv(c_all, None)[:, -t:]
         k_gate, k_merge = self.cgmlp.csgu.conv.weight.shape[-1], self.fusion_weight.shape[-1]
         keep = lambda v, n: v[:, v.shape[1] - min(n, v.shape[1]):]  # noqa: E731
-        store[self.layer_idx] = (keep(x_all, k_gate - 1), keep(s_all, k_gate - 1), keep(c_all, k_merge - 1))
+        store[self.layer_idx] = (past + t, keep(x_all, k_gate - 1), keep(s_all, k_gate - 1), keep(c_all, k_merge - 1))
         return c, fused
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
