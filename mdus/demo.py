@@ -25,7 +25,9 @@ method's timed training step (``OUT/schedule.json``); the rest goes to evaluatio
 
 Nothing is lost to an interruption: SIGINT/SIGTERM during training save a checkpoint and exit with status 130, and
 rerunning the same command into the same ``OUT`` keeps the methods already in ``results.json`` and resumes the
-interrupted one from its checkpoint with its saved configuration (``OUT/<method>/train_config.json``).
+interrupted one from its checkpoint with its saved configuration (``OUT/<method>/train_config.json``). A rerun
+must keep OUT's settings (``OUT/demo_settings.json``; only ``--budget-minutes``, ``--methods`` and ``--device`` may
+change); methods it does not name stay in the results.
 """
 
 from __future__ import annotations
@@ -130,10 +132,31 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mdus demo: {e}")
         return 2
+    if args.speech_input == "features":
+        try:
+            T.feature_stride(args.frame_rate)
+        except ValueError as e:
+            print(f"mdus demo: --frame-rate: {e}")
+            return 2
     t_start = time.monotonic()
     budget_s = args.budget_minutes * 60
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    # What a rerun into OUT keeps (data, tokenizer, trained methods, results) was made with OUT's first settings: a
+    # rerun must use them too. Only the budget, the methods and the device may change.
+    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "budget_minutes", "methods", "device")}
+    settings = json.loads(json.dumps(settings, default=str))
+    settings_file = out / "demo_settings.json"
+    if settings_file.is_file():
+        saved = json.loads(settings_file.read_text())
+        changed = [f"--{k.replace('_', '-')} {saved[k]} (now {v})" for k, v in settings.items()
+                   if k in saved and saved[k] != v]
+        if changed:
+            print(f"mdus demo: {out} was started with other settings ({', '.join(changed)}); rerun with those, or "
+                  f"use a new --out")
+            return 2
+    else:
+        settings_file.write_text(json.dumps(settings, indent=1))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(args.seed)
 
@@ -212,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"      {schedule['max_steps']} steps per method ({per_step:.2f} s per step of all methods together)")
     schedule_file.write_text(json.dumps(schedule, indent=1))
 
-    results, base_ref = {}, None
+    # Methods an earlier run into OUT finished and this one does not name stay in the results and the report.
+    results, base_ref = {n: r for n, r in done.items() if n not in args.methods}, None
     for i, (name, (method, route)) in enumerate(zip(args.methods, specs, strict=True)):
         if name in done:
             print(f"[3/5] {name}: finished by an earlier run into {out}, kept (use a new --out to redo it)")

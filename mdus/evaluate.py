@@ -1,8 +1,9 @@
 """Evaluation of speech LMs: ASR by greedy decoding (WER / CER with jiwer) and text degradation against the base.
 
-**English normalization** before WER/CER (both sides): lower case; ``’`` -> ``'``; every character other than
-a-z, 0-9 and an apostrophe inside a word becomes a space; whitespace collapsed. So "Hello, World!" and "hello
-world" match, and "don't" stays one word.
+**English normalization** before WER/CER (both sides): lower case; accents folded (``café`` -> ``cafe``: NFKD, then
+combining marks dropped); ``’`` -> ``'``; every character other than a-z, 0-9 and an apostrophe inside a word
+becomes a space; whitespace collapsed. So "Hello, World!" and "hello world" match, "don't" stays one word and
+"naïve" stays "naive".
 
 **Text degradation** on held-out text, with the base model (a separately loaded, untouched copy) as reference. Two
 texts: general English the corpus never spoke (``general_text``: whole ``fortunes`` passages that contain no
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -39,7 +41,8 @@ def normalize_text(text: str) -> str:
         >>> normalize_text("  Don’t PANIC -- it's 42!  ")
         "don't panic it's 42"
     """
-    text = text.lower().replace("\u2019", "'")
+    text = "".join(c for c in unicodedata.normalize("NFKD", text.lower()) if not unicodedata.combining(c))
+    text = text.replace("\u2019", "'")
     text = _NON_WORD.sub(" ", text)
     text = _EDGE_APOSTROPHES.sub(" ", text)
     return " ".join(text.split())
@@ -47,7 +50,10 @@ def normalize_text(text: str) -> str:
 
 def error_rates(references: Sequence[str], hypotheses: Sequence[str], *, confidence: float = 0.95,
                 n_boot: int = 2000, seed: int = 0) -> dict:
-    """Corpus WER and CER (jiwer) after ``normalize_text``. Empty references are skipped (WER is undefined).
+    """Corpus WER and CER (jiwer) after ``normalize_text``: errors over reference words (characters), summed over
+    the utterances. An utterance whose reference is empty adds no reference words, and every hypothesis word is an
+    insertion (a hallucination counts); ``empty_references`` says how many there were. At least one reference must
+    have words.
 
     ``wer_ci`` / ``cer_ci``: ``confidence`` percentile-bootstrap intervals (``n_boot`` resamples of the
     utterances, seeded): how tightly a test set of this size pins the rates down. Small test sets give wide
@@ -60,14 +66,16 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str], *, confide
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     pairs = [(normalize_text(r), normalize_text(h)) for r, h in zip(references, hypotheses, strict=True)]
-    pairs = [(r, h) for r, h in pairs if r]
-    if not pairs:
+    if not any(r for r, _ in pairs):
         raise ValueError("every reference is empty after normalization: WER is undefined")
     # Per utterance (jiwer's alignments): word errors, reference words, character errors, reference characters.
     # The corpus rates (jiwer.wer / jiwer.cer of the lists) are ratios of their sums, so a resample of the
     # utterances is a resample of these rows.
     counts = []
     for r, h in pairs:
+        if not r:  # jiwer takes no empty reference: all of the hypothesis is inserted
+            counts.append([len(h.split()), 0, len(h), 0])
+            continue
         w, c = jiwer.process_words(r, h), jiwer.process_characters(r, h)
         counts.append([w.substitutions + w.deletions + w.insertions, w.substitutions + w.deletions + w.hits,
                        c.substitutions + c.deletions + c.insertions, c.substitutions + c.deletions + c.hits])
@@ -75,10 +83,12 @@ def error_rates(references: Sequence[str], hypotheses: Sequence[str], *, confide
     picks = torch.randint(len(pairs), (n_boot, len(pairs)), generator=torch.Generator().manual_seed(seed))
     sums = counts[picks].sum(1)
     q = torch.tensor([(1 - confidence) / 2, (1 + confidence) / 2], dtype=torch.float64)
-    wer_ci, cer_ci = (torch.quantile(sums[:, i] / sums[:, i + 1], q).tolist() for i in (0, 2))
+    # A resample of empty references only has no reference words: its rate is undefined and left out.
+    wer_ci, cer_ci = (torch.nanquantile(torch.where(sums[:, i + 1] > 0, sums[:, i] / sums[:, i + 1], torch.nan),
+                                        q).tolist() for i in (0, 2))
     total = counts.sum(0).tolist()
     return {"wer": total[0] / total[1], "cer": total[2] / total[3], "wer_ci": wer_ci, "cer_ci": cer_ci,
-            "utterances": len(pairs)}
+            "utterances": len(pairs), "empty_references": sum(1 for r, _ in pairs if not r)}
 
 
 def _cache_unsupported(lm) -> bool:
@@ -367,6 +377,10 @@ def run(args) -> int:
     items, seqs = sequences_from_manifest(manifest, speech_tok, text_tok, progress=progress)
     if not items:
         print(f"mdus eval: --data/--split: {manifest} has no readable utterance")
+        return 2
+    if not any(normalize_text(utt.text) for utt, _, _ in items):
+        print(f"mdus eval: --data/--split: every transcript in {manifest} is empty after normalization (WER is "
+              f"undefined)")
         return 2
     general = None
     if args.general_passages > 0:

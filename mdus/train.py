@@ -25,6 +25,7 @@ import json
 import math
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -125,6 +126,16 @@ def speech_encoder_config(speech_tokenizer, text_tokenizer=None) -> dict | None:
 SPEECH_INPUTS = ("units", "features", "ctc-units", "ctc-chars")
 
 
+def feature_stride(frame_rate: float) -> int:
+    """The subsampling of 100 Hz log-mel frames to ``frame_rate`` Hz that continuous features use: an even integer
+    (the conv subsampler halves twice or more), else ValueError."""
+    stride = 100 / frame_rate if frame_rate > 0 else 0.0
+    if stride < 2 or stride != round(stride) or round(stride) % 2:
+        raise ValueError(f"frame_rate={frame_rate:g}: continuous features need 100 / frame_rate to be an even integer "
+                         "(50, 25 or 12.5 Hz)")
+    return round(stride)
+
+
 def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float, seed: int = 0, texts=None,
                      save_to=None, ctc_epochs: int = 12, device=None, progress: bool = True):
     """A speech front end fit on the training ``waves``:
@@ -144,11 +155,7 @@ def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float,
     if speech_input == "units":
         return KMeansTokenizer(units, frame_rate=frame_rate, seed=seed).fit(waves)
     if speech_input == "features":
-        stride = 100 / frame_rate
-        if stride != round(stride) or round(stride) % 2:
-            raise ValueError(f"frame_rate={frame_rate}: continuous features need 100 / frame_rate to be an even "
-                             "integer (50, 25 or 12.5 Hz)")
-        return LogMelFrontEnd(round(stride)).fit(waves)
+        return LogMelFrontEnd(feature_stride(frame_rate)).fit(waves)
     if speech_input in ("ctc-units", "ctc-chars"):
         if texts is None or save_to is None:
             raise ValueError(f"speech_input={speech_input!r} needs the training transcripts (texts) and a folder "
@@ -298,17 +305,42 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, lm: SpeechLM, opt, sched, state: dict) -> None:
+# TrainConfig fields a resumed run may change: they decide when to save, evaluate or stop, not what a step does.
+RESUME_MAY_CHANGE = ("eval_every", "save_every", "budget_minutes", "progress")
+
+
+def save_checkpoint(path: Path, lm: SpeechLM, opt, sched, state: dict, cfg: TrainConfig | None = None) -> None:
     """Atomic: written to ``<path>.tmp`` and renamed, so the previous checkpoint survives a kill mid-save."""
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"trainable": lm.trainable_state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "rng": _rng_state(), "state": state,
-                "config": asdict(lm.config)}, tmp)
+                "config": asdict(lm.config), "train_config": None if cfg is None else asdict(cfg)}, tmp)
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, lm: SpeechLM, opt, sched) -> dict:
+def _check_resumed_config(path: Path, saved: dict | None, cfg: TrainConfig) -> None:
+    """A resumed run continues bit-exactly only under the recipe it started with: any other change raises."""
+    if saved is None:  # written without its TrainConfig
+        return
+    now = asdict(cfg)
+    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
+               if k not in RESUME_MAY_CHANGE and k in saved and _plain(saved[k]) != _plain(now[k])]
+    if changed:
+        raise ValueError(f"checkpoint {path} was written by a run with another recipe ({'; '.join(changed)}): "
+                         f"resume with the original settings (only {', '.join(RESUME_MAY_CHANGE)} may change), or "
+                         f"start a new run in another folder")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def load_checkpoint(path: Path, lm: SpeechLM, opt, sched, cfg: TrainConfig | None = None) -> dict:
+    """Restores ``lm``'s trainable tensors, the optimizer, the schedule and the RNGs; returns the loop state. With
+    ``cfg``, raises first if the checkpoint's run used another recipe (``RESUME_MAY_CHANGE`` may differ)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if cfg is not None:
+        _check_resumed_config(path, ckpt.get("train_config"), cfg)
     params = dict(lm.named_parameters())
     missing = sorted(set(lm.trainable_state_dict()) - set(ckpt["trainable"]))
     if missing:
@@ -403,6 +435,11 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
     params = [p for p in lm.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    for name in ("max_steps", "max_tokens", "grad_accum", "save_every", "warmup_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.eval_every < 0:
+        raise ValueError(f"TrainConfig.eval_every must be >= 0 (0: no dev loss), got {cfg.eval_every}")
     if cfg.text_kl < 0 or (cfg.text_kl > 0 and replay is None):
         raise ValueError(f"TrainConfig.text_kl={cfg.text_kl}: must be >= 0, and > 0 needs replay (a TextReplay)")
     if cfg.text_kl > 0:
@@ -415,11 +452,12 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
     if resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = load_checkpoint(ckpt_path, lm, opt, sched)
-        # Metrics of steps after the checkpoint were never confirmed by one: drop them, they will be redone.
+        state = load_checkpoint(ckpt_path, lm, opt, sched, cfg)
+        # Metrics of steps after the checkpoint were never confirmed by one: drop them, they will be redone (as is
+        # a line cut short by the kill).
         if metrics_path.is_file():
-            kept = [ln for ln in metrics_path.read_text().splitlines()
-                    if ln and json.loads(ln).get("step", 0) <= state["step"]]
+            kept = [ln for ln in metrics_path.read_text(errors="replace").splitlines()
+                    if (row := _json_or_none(ln)) is not None and row.get("step", 0) <= state["step"]]
             metrics_path.write_text("".join(ln + "\n" for ln in kept))
     elif metrics_path.exists():
         metrics_path.unlink()
@@ -446,12 +484,13 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
                 kl_sum += 0.0 if kl is None else float(kl.detach())
                 n_tok += int(b["input_ids"].shape[0])
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
+            lr = sched.get_last_lr()[0]  # the rate this step uses (after sched.step(), the next step's)
             opt.step()
             sched.step()
             state["step"] += 1
             state["tokens"] += n_tok
             state["elapsed_s"] = t0_elapsed + time.monotonic() - start
-            last = {"step": state["step"], "loss": loss_sum / cfg.grad_accum, "lr": sched.get_last_lr()[0],
+            last = {"step": state["step"], "loss": loss_sum / cfg.grad_accum, "lr": lr,
                     "grad_norm": grad_norm, "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 3)}
             if cfg.text_kl > 0:
                 last["text_kl"] = kl_sum / cfg.grad_accum
@@ -465,12 +504,20 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
                 on_step(state["step"], last)
             over_budget = cfg.budget_minutes is not None and state["elapsed_s"] > cfg.budget_minutes * 60
             if stop.signal or over_budget or state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
-                save_checkpoint(ckpt_path, lm, opt, sched, dict(state))
+                save_checkpoint(ckpt_path, lm, opt, sched, dict(state), cfg)
             if stop.signal or over_budget:
                 status = stop.signal or "budget"
                 break
     bar.close()
     return {"status": status, **state, "last": last, "checkpoint": str(ckpt_path), "metrics": str(metrics_path)}
+
+
+def _json_or_none(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 # ------------------------------------------------------------------------------------------------ command line
@@ -491,7 +538,7 @@ def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progr
         text = torch.tensor(text_tokenizer(" " + utt.text.strip(), add_special_tokens=False).input_ids)
         items.append((utt, speech, text))
     if stream.n_skipped:
-        print(stream.summary())
+        print(stream.summary(), file=sys.stderr)  # stdout may be a command's JSON
     continuous = getattr(speech_tokenizer, "continuous", False)
     seqs = []
     for _, speech, text in items:
@@ -534,7 +581,19 @@ def add_speech_input_arguments(p, *, default: str) -> None:
     p.add_argument("--ctc-epochs", type=int, default=12, help="epochs of the CTC speech encoder (ctc-units, ctc-chars)")
     p.add_argument("--units", type=int, default=200, help="k-means speech units (units, ctc-units)")
     p.add_argument("--frame-rate", type=float, default=25.0,
-                   help="speech positions per second of units and features (a divisor of 100 for features)")
+                   help="speech positions per second of units and features (for features 100 / rate must be an "
+                        "even integer: 50, 25, 12.5, ...)")
+
+
+def positive_int(value: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
+    return n
 
 
 def _placement(value: str) -> str | list[int]:
@@ -567,15 +626,17 @@ def add_arguments(p) -> None:
                         "(default OUT/tokenizer)")
     add_speech_input_arguments(p, default="units")
     p.add_argument("--lora-params", type=int, default=None, help="lora: match this trainable-parameter count")
-    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--max-steps", type=positive_int, default=200)
     add_lr_arguments(p)
-    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--max-tokens", type=positive_int, default=1024)
     add_text_replay_arguments(p, default=0.0)  # the paper's recipe: none
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--eval-every", type=int, default=50, help="steps between dev losses (0: none)")
+    p.add_argument("--save-every", type=positive_int, default=50)
     p.add_argument("--budget-minutes", type=float, default=None)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt, bit-exactly")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt, bit-exactly (with the same settings; only --eval-every, "
+                        "--save-every and --budget-minutes may change)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -591,6 +652,19 @@ def run(args) -> int:
     if not manifests["train"].is_file():
         print(f"mdus train: no {manifests['train']} (make one with `mdus data synth --out {args.data}`)")
         return 2
+    if not args.resume and (args.out / "checkpoint.pt").is_file():
+        print(f"mdus train: {args.out} already holds a run (checkpoint.pt): pass --resume to continue it, or use "
+              f"another --out")
+        return 2
+    if args.eval_every < 0:
+        print(f"mdus train: --eval-every must be >= 0, got {args.eval_every}")
+        return 2
+    try:
+        if args.speech_input == "features":
+            feature_stride(args.frame_rate)
+    except ValueError as exc:
+        print(f"mdus train: --frame-rate: {exc}")
+        return 2
     base, text_tok = load_base(args.model, device=device)
     if args.method.startswith("dus-"):  # before any tokenizer fit: --placement / --n-insert that do not fit the model
         from mdus.upscale import insertion_positions
@@ -603,6 +677,15 @@ def run(args) -> int:
     tok_dir = args.tokenizer or args.out / "tokenizer"
     if (tok_dir / "tokenizer.json").is_file():
         speech_tok = load_tokenizer(tok_dir)
+        if not args.resume and args.tokenizer is None:
+            print(f"mdus train: using the speech tokenizer an earlier run fitted in {tok_dir} (--speech-input, "
+                  f"--units and --frame-rate do not apply; delete it to fit a new one)")
+        from mdus.speech.unit_files import UnitFileTokenizer
+
+        if isinstance(speech_tok, UnitFileTokenizer):
+            print(f"mdus train: {tok_dir} holds a unit-file tokenizer, which reads precomputed unit files, not "
+                  f"audio; mdus train reads audio (train on such units with mdus.train.train)")
+            return 2
     else:
         if args.resume:
             print(f"mdus train --resume: the run's speech tokenizer {tok_dir} is missing")
@@ -611,6 +694,9 @@ def run(args) -> int:
         from mdus.data.readers import read_manifest
 
         utterances = list(AudioStream(read_manifest(manifests["train"])))
+        if not utterances:
+            print(f"mdus train: {manifests['train']} has no readable utterance (see `mdus data check`)")
+            return 2
         speech_tok = fit_speech_input(args.speech_input, [w for _, w in utterances], units=args.units,
                                       frame_rate=args.frame_rate, seed=args.seed, texts=[u.text for u, _ in utterances],
                                       save_to=tok_dir, ctc_epochs=args.ctc_epochs, device=device,
@@ -618,6 +704,9 @@ def run(args) -> int:
         speech_tok.save(tok_dir)
     progress = not args.no_progress
     _, train_seqs = sequences_from_manifest(manifests["train"], speech_tok, text_tok, progress=progress)
+    if not train_seqs:
+        print(f"mdus train: {manifests['train']} has no readable utterance (see `mdus data check`)")
+        return 2
     dev_seqs = (sequences_from_manifest(manifests["dev"], speech_tok, text_tok, progress=progress)[1]
                 if manifests["dev"].is_file() else [])
     torch.manual_seed(args.seed)

@@ -312,6 +312,18 @@ def test_manifest_round_trip_and_errors(tmp_path):
         list(read_manifest(tmp_path / "bad2.jsonl"))
     with pytest.raises(ValueError, match="neither"):
         read_corpus(tmp_path / "nothing_here")
+    (tmp_path / "bad3.jsonl").write_bytes(b'{"audio": "a.wav", "text": "x"}\n{"audio": "b.wav", "text": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"bad3.jsonl:2: not UTF-8 text"):
+        list(read_manifest(tmp_path / "bad3.jsonl"))
+    (tmp_path / "bad4.jsonl").write_text('{"audio": "a.wav", "text": "x", "duration": "n/a"}\n')
+    with pytest.raises(ValueError, match=r"bad4.jsonl:1: duration must be a number of seconds, got 'n/a'"):
+        list(read_manifest(tmp_path / "bad4.jsonl"))
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    sf.write(str(pairs / "u1.wav"), _tone(0.5, 16000), 16000)
+    (pairs / "u1.txt").write_bytes(b"caf\xe9 au lait\n")
+    with pytest.raises(ValueError, match=r"u1.txt:1: not UTF-8 text"):
+        list(read_corpus(pairs))
 
 
 # ------------------------------------------------------------------------------------------------- bad audio
@@ -329,7 +341,8 @@ def bad_corpus(tmp_path):
     sf.write(str(d / "zero.wav"), np.zeros(0, np.float32), 16000)
     sf.write(str(d / "nan.wav"), np.full(100, np.nan, np.float32), 16000, subtype="FLOAT")
     (d / "a_folder.wav").mkdir()
-    names = ["good", "stereo8k", "corrupt", "empty", "zero", "missing", "nan", "a_folder"]
+    sf.write(str(d / "tiny.wav"), np.full(300, 0.1, np.float32), 16000)  # decodes, but under one 25 ms frame
+    names = ["good", "stereo8k", "corrupt", "empty", "zero", "missing", "nan", "a_folder", "tiny"]
     utts = [Utterance(d / f"{n}.wav", n, "s", 1.5 if n == "stereo8k" else 1.0) for n in names]
     return write_manifest(utts, d / "m.jsonl"), d
 
@@ -348,7 +361,8 @@ def test_load_audio_resamples_and_downmixes(bad_corpus):
 
 
 @pytest.mark.parametrize("name,reason", [("corrupt", "corrupt"), ("empty", "empty"), ("zero", "empty"),
-                                         ("missing", "missing"), ("nan", "nonfinite"), ("a_folder", "unreadable")])
+                                         ("missing", "missing"), ("nan", "nonfinite"), ("a_folder", "unreadable"),
+                                         ("tiny", "short")])
 def test_load_audio_bad_files_raise_bad_audio(bad_corpus, name, reason):
     _, d = bad_corpus
     with pytest.raises(BadAudio) as e:
@@ -363,12 +377,12 @@ def test_audio_stream_counts_and_check_cli(bad_corpus, capsys, caplog):
         got = [(u.text, w.numel()) for u, w in stream]
     assert got == [("good", 16000), ("stereo8k", 24000)]
     assert stream.loaded == 2 and stream.seconds == pytest.approx(2.5)
-    assert stream.skipped == {"corrupt": 1, "empty": 2, "missing": 1, "nonfinite": 1, "unreadable": 1}
-    assert stream.fixed == {"resampled": 1, "downmixed": 1} and stream.n_skipped == 6
-    assert "6 skipped" in stream.summary() and "corrupt: 1" in caplog.text
+    assert stream.skipped == {"corrupt": 1, "empty": 2, "missing": 1, "nonfinite": 1, "unreadable": 1, "short": 1}
+    assert stream.fixed == {"resampled": 1, "downmixed": 1} and stream.n_skipped == 7
+    assert "7 skipped" in stream.summary() and "corrupt: 1" in caplog.text
     assert main(["data", "check", str(manifest)]) == 0
     out = capsys.readouterr().out
-    for line in ("utterances: 8", "loaded: 2", "skipped: 6", "corrupt: 1", "empty: 2", "missing: 1", "nonfinite: 1",
-                 "unreadable: 1", "fixed: downmixed: 1, resampled: 1", "duration mismatches (> 0.05 s): 0"):
+    for line in ("utterances: 9", "loaded: 2", "skipped: 7", "corrupt: 1", "empty: 2", "missing: 1", "nonfinite: 1",
+                 "unreadable: 1", "short: 1", "fixed: downmixed: 1, resampled: 1", "duration mismatches (> 0.05 s): 0"):
         assert line in out
     assert main(["data", "check", "--strict", str(manifest)]) == 1

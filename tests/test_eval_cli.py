@@ -179,6 +179,12 @@ def test_eval_cli_end_to_end(corpus_and_model, tmp_path, capsys, monkeypatch):
     if FORTUNES_DIR.is_dir():  # general text: fortunes passages, so a degradation apart from the transcripts'
         assert result["text_kl"] != pytest.approx(result["transcript_kl"], rel=1e-3)
 
+    blank = root / "corpus" / "blank.jsonl"  # transcripts with no word: refused before decoding
+    blank.write_text("".join(json.dumps({"audio": f"wav/{i}.wav", "text": "?!"}) + "\n" for i in range(2)))
+    assert main(["eval", "--run", str(run), "--data", str(root / "corpus"), "--split", "blank", "--model",
+                 str(root / "tiny"), "--no-progress"]) == 2
+    assert "every transcript in" in capsys.readouterr().out
+
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not safetensors")
     assert main(["eval", "--run", str(run), "--weights", str(broken), "--data", str(root / "corpus"),

@@ -2,6 +2,7 @@
 degradation against the base."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -31,6 +32,7 @@ def _pair(block="transformer", perturb=0.0):
 def test_normalize_and_error_rates():
     assert E.normalize_text("  Don\u2019t PANIC -- it's 42!  ") == "don't panic it's 42"
     assert E.normalize_text("'quoted' words.") == "quoted words"
+    assert E.normalize_text("Naïve CAFÉ résumé") == "naive cafe resume"  # one word each, as written
     r = E.error_rates(["Hello, world!", "a b c d"], ["hello world", "a x c"])
     assert r["wer"] == pytest.approx(2 / 6)  # one substitution + one deletion over 6 reference words
     assert 0 < r["cer"] < 1 and r["utterances"] == 2
@@ -38,6 +40,11 @@ def test_normalize_and_error_rates():
         E.error_rates(["a"], [])
     with pytest.raises(ValueError, match="every reference is empty"):
         E.error_rates(["!!"], ["a"])
+    # An empty reference adds no words; what is decoded for it is inserted (a hallucination is not hidden).
+    r = E.error_rates(["hello world", "?"], ["hello world", "lots of words here"], n_boot=200)
+    assert r["wer"] == 4 / 2 and r["cer"] == len("lots of words here") / len("hello world")
+    assert r["utterances"] == 2 and r["empty_references"] == 1
+    assert all(map(math.isfinite, r["wer_ci"])) and r["wer_ci"][0] == 0.0
 
 
 def test_error_rate_confidence_intervals():

@@ -66,8 +66,14 @@ def test_resume_after_sigterm_is_bit_exact(tmp_path, method):
 
     part = T.train(_model(method), data, dev, _cfg(), tmp_path / "part", on_step=kill_at_3)
     assert part["status"] == "SIGTERM" and part["step"] == 3
+    # A kill mid-write leaves half a metrics line: the resume drops it with the other unconfirmed lines.
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "loss": 10.')
     # A fresh process would rebuild the model with other random new parameters: the checkpoint must restore them.
-    resumed = T.train(_model(method, init_seed=123), data, dev, _cfg(), tmp_path / "part", resume=True)
+    # When to save and evaluate may change on resume; what a step computes may not.
+    with pytest.raises(ValueError, match=r"another recipe \(lr: 0.003 -> 0.02\)"):
+        T.train(_model(method), data, dev, _cfg(lr=2e-2), tmp_path / "part", resume=True)
+    resumed = T.train(_model(method, init_seed=123), data, dev, _cfg(save_every=2), tmp_path / "part", resume=True)
     assert resumed["status"] == "done"
     assert _losses(resumed["metrics"]) == want  # every step's loss, bit for bit
 
@@ -90,11 +96,16 @@ def test_speech_lr_moves_only_its_group(tmp_path, method):
 def test_budget_and_errors(tmp_path):
     result = T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(budget_minutes=0.0), tmp_path)
     assert result["status"] == "budget" and result["step"] == 1
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["lr"] == pytest.approx(3e-3 * T.lr_factor(0, _cfg()))  # the rate step 1 ran at (warm-up: half)
     assert (tmp_path / "checkpoint.pt").is_file() and not (tmp_path / "checkpoint.pt.tmp").exists()
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(), tmp_path / "empty", resume=True)
-    with pytest.raises(ValueError, match="speech_lr must match"):  # one group saved, two asked for
+    with pytest.raises(ValueError, match=r"another recipe \(speech_lr: None -> 0.01\)"):
         T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(speech_lr=1e-2), tmp_path, resume=True)
+    for bad in (dict(grad_accum=0), dict(save_every=0), dict(max_tokens=0), dict(eval_every=-1)):
+        with pytest.raises(ValueError, match=f"TrainConfig.{next(iter(bad))} must be"):
+            T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(**bad), tmp_path / "bad")
     with pytest.raises(ValueError, match="method must be one of"):
         T.build_method(LlamaForCausalLM(CONFIG), "prefix-tuning", speech_vocab_size=4)
 

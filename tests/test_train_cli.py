@@ -46,6 +46,7 @@ def test_train_cli_and_resume(tiny_setup, speech_input):
     if replay:
         args += ["--text-kl", "1", "--text-kl-passages", "2"]
     assert main(args) == 0
+    assert main(args) == 2  # the folder holds a run: continuing it takes --resume
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [1, 2, 3, 4] and "dev_loss" in lines[1]
     assert all(("text_kl" in ln) == replay for ln in lines)
@@ -92,7 +93,7 @@ def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, caps
     assert json.loads((out / "schedule.json").read_text())["max_steps"] == max_steps  # shared by every method
     monkeypatch.setattr(T, "train", real_train)
     assert main(args[:-4] + ["--text-kl", "0"]) == 2
-    assert "was started with --text-kl 1" in capsys.readouterr().out
+    assert "was started with other settings (--text-kl 1.0 (now 0.0))" in capsys.readouterr().out
     assert main(args) == 0
     assert f"resuming {run / 'checkpoint.pt'} ({max_steps} steps in all)" in capsys.readouterr().out
     for name, replayed in (("dus-transformer", True), ("dus-transformer@speech_only", False)):
@@ -109,6 +110,9 @@ def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, caps
     assert main(args) == 0
     assert "finished by an earlier run" in capsys.readouterr().out
     assert json.loads((out / "results.json").read_text()) == results
+    assert main(args[:args.index("--methods") + 2] + args[args.index("--max-new-tokens"):]) == 0  # one method
+    assert json.loads((out / "results.json").read_text()) == results  # the other one's results stay
+    assert "| dus-transformer@speech_only |" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("speech_input", ["ctc-units", "ctc-chars"])
@@ -161,6 +165,13 @@ def test_train_cli_bad_placement(tiny_setup, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "--data", str(tiny_setup / "corpus"), "--out", str(tiny_setup / "bad"), "--placement", "left"])
     assert exc.value.code == 2 and "argument --placement: 'left' is not one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--data", str(tiny_setup / "corpus"), "--out", str(tiny_setup / "bad"), "--save-every", "0"])
+    assert exc.value.code == 2 and "argument --save-every: must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["train", "--data", str(tiny_setup / "corpus"), "--out", str(tiny_setup / "bad"), "--speech-input",
+                 "features", "--frame-rate", "20"]) == 2
+    assert "--frame-rate: frame_rate=20: continuous features need 100 / frame_rate to be an even integer" in \
+        capsys.readouterr().out
     args = ["train", "--data", str(tiny_setup / "corpus"), "--out", str(tiny_setup / "bad"), "--model",
             str(tiny_setup / "tiny"), "--units", "8", "--no-progress", "--placement"]
     assert main(args + ["2,9"]) == 2  # the tiny model has 4 layers

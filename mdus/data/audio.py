@@ -22,7 +22,9 @@ import torch
 log = logging.getLogger("mdus.data")
 
 SAMPLE_RATE = 16000
-REASONS = ("missing", "unreadable", "empty", "corrupt", "nonfinite")
+REASONS = ("missing", "unreadable", "empty", "short", "corrupt", "nonfinite")
+# The shortest waveform any speech front end here can read: one 25 ms analysis frame (log-mel and SSL features).
+MIN_SECONDS = 0.025
 
 
 class BadAudio(ValueError):
@@ -61,8 +63,9 @@ def load_audio(path, target_sr: int = SAMPLE_RATE, *, fixes: Counter | None = No
     Multi-channel audio is averaged to mono and any other rate is resampled; each such repair adds one to
     ``fixes["downmixed"]`` / ``fixes["resampled"]`` when a counter is given. Anything that cannot give a
     waveform raises ``BadAudio`` (a ``ValueError``) whose ``reason`` is ``missing`` (no such file),
-    ``unreadable`` (a permission error, a directory), ``empty`` (0 bytes or 0 frames), ``corrupt`` (libsndfile
-    cannot decode it) or ``nonfinite`` (NaN/inf samples in a float file).
+    ``unreadable`` (a permission error, a directory), ``empty`` (0 bytes or 0 frames), ``short`` (under
+    ``MIN_SECONDS``: not one analysis frame), ``corrupt`` (libsndfile cannot decode it) or ``nonfinite`` (NaN/inf
+    samples in a float file).
 
     Example:
         >>> wav = load_audio("utt.flac")          # doctest: +SKIP
@@ -97,6 +100,8 @@ def load_audio(path, target_sr: int = SAMPLE_RATE, *, fixes: Counter | None = No
         if fixes is not None:
             fixes["downmixed"] += 1
     x = x[:, 0]
+    if x.shape[0] < MIN_SECONDS * sr:
+        raise BadAudio("short", path, f"{x.shape[0]} samples at {sr} Hz, under {MIN_SECONDS * 1000:g} ms")
     if sr != target_sr:
         x = resample(x, sr, target_sr)
         if fixes is not None:

@@ -48,12 +48,24 @@ def _header_duration(path: Path) -> float | None:
     return info.frames / info.samplerate if info.samplerate else None
 
 
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; a line that is not UTF-8 raises ValueError naming file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start}: "
+                                 f"{raw[e.start:e.start + 4]!r})") from None
+
+
 def read_manifest(path) -> Iterator[Utterance]:
     """Utterances of a JSONL manifest: one ``{"audio", "text", "speaker", "duration"}`` object per line.
 
     ``audio`` paths that are relative are taken relative to the manifest's folder, so a corpus folder can move.
     ``speaker`` defaults to ``""`` and ``duration`` to ``None``. Blank lines are ignored; a line that is not a JSON
-    object with string ``audio`` and ``text`` raises ``ValueError`` naming the file and line.
+    object with string ``audio`` and ``text`` (and a numeric ``duration``, if any), or is not UTF-8, raises
+    ``ValueError`` naming the file and line.
 
     Example:
         >>> [u.text for u in read_manifest("corpus/dev.jsonl")][:1]    # doctest: +SKIP
@@ -61,20 +73,23 @@ def read_manifest(path) -> Iterator[Utterance]:
     """
     path = Path(path)
     base = path.parent
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from e
+        if not isinstance(row, dict) or not isinstance(row.get("audio"), str) or not isinstance(row.get("text"), str):
+            raise ValueError(f"{path}:{lineno}: expected an object with string 'audio' and 'text', got {line!r}")
+        duration = row.get("duration")
+        if duration is not None:
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from e
-            if not isinstance(row, dict) or not isinstance(row.get("audio"), str) or not isinstance(
-                    row.get("text"), str):
-                raise ValueError(f"{path}:{lineno}: expected an object with string 'audio' and 'text', got {line!r}")
-            duration = row.get("duration")
-            yield Utterance(audio_path=base / row["audio"], text=row["text"], speaker=str(row.get("speaker", "")),
-                            duration=float(duration) if duration is not None else None)
+                duration = float(duration)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{lineno}: duration must be a number of seconds, got {duration!r}") from None
+        yield Utterance(audio_path=base / row["audio"], text=row["text"], speaker=str(row.get("speaker", "")),
+                        duration=duration)
 
 
 def write_manifest(utterances, path, *, relative: bool = True) -> Path:
@@ -110,15 +125,14 @@ def read_librispeech(root) -> Iterator[Utterance]:
         raise ValueError(f"read_librispeech: root must be a folder, got {root}")
     for trans in sorted(root.glob("*/*/*.trans.txt")):
         speaker = trans.parent.parent.name
-        with open(trans, encoding="utf-8") as f:
-            for line in f:
-                parts = line.strip().split(maxsplit=1)
-                if not parts:
-                    continue
-                utt_id, text = parts[0], parts[1] if len(parts) > 1 else ""
-                audio = next((trans.parent / (utt_id + s) for s in AUDIO_SUFFIXES
-                              if (trans.parent / (utt_id + s)).is_file()), trans.parent / (utt_id + ".flac"))
-                yield Utterance(audio, text, speaker, _header_duration(audio) if audio.is_file() else None)
+        for _, line in _text_lines(trans):
+            parts = line.strip().split(maxsplit=1)
+            if not parts:
+                continue
+            utt_id, text = parts[0], parts[1] if len(parts) > 1 else ""
+            audio = next((trans.parent / (utt_id + s) for s in AUDIO_SUFFIXES
+                          if (trans.parent / (utt_id + s)).is_file()), trans.parent / (utt_id + ".flac"))
+            yield Utterance(audio, text, speaker, _header_duration(audio) if audio.is_file() else None)
 
 
 def read_pairs(root) -> Iterator[Utterance]:
@@ -126,7 +140,7 @@ def read_pairs(root) -> Iterator[Utterance]:
 
     ``a/b/utt1.wav`` + ``a/b/utt1.txt`` is one utterance whose speaker is its folder's name (``b``; the root's
     own name for files directly in it). Audio without a transcript is ignored; the transcript's whitespace is
-    normalized to single spaces.
+    normalized to single spaces; a transcript that is not UTF-8 raises ValueError naming it.
 
     Example:
         >>> [u.speaker for u in read_pairs("my_recordings")][:1]      # doctest: +SKIP
@@ -139,7 +153,7 @@ def read_pairs(root) -> Iterator[Utterance]:
         txt = audio.with_suffix(".txt")
         if not txt.is_file():
             continue
-        text = " ".join(txt.read_text(encoding="utf-8", errors="replace").split())
+        text = " ".join(" ".join(line for _, line in _text_lines(txt)).split())
         yield Utterance(audio, text, audio.parent.name, _header_duration(audio))
 
 
