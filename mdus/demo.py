@@ -317,6 +317,7 @@ def write_report(out: Path, results: dict, args) -> None:
                     f"| {r['text_ppl']:.2f} ({r['text_ppl_base']:.2f}) | {r['text_kl']:.4f} | {agree} "
                     f"| {r.get('transcript_kl', math.nan):.4f} | {r['steps']} |")
     plots = _plots(out, results)
+    n_scored = next(iter(results.values()), {}).get("utterances", args.n_test)  # the readable ones
     lines = ["# mdus demo report", "",
              f"Command: `mdus demo --out {out} --budget-minutes {args.budget_minutes} --speech-input "
              f"{args.speech_input} --lr {args.lr:g} --text-kl {args.text_kl:g} --text-kl-passages "
@@ -326,7 +327,7 @@ def write_report(out: Path, results: dict, args) -> None:
              f"steps and batches, peak learning rate {args.lr:g} for what text passes through and "
              f"{args.speech_lr:g} for the speech embeddings and front end{_replay(args)}).", "",
              f"WER/CER: greedy decoding of the test split (held-out voices and sentences); in brackets, the 95% "
-             f"bootstrap interval of the WER over the {args.n_test} test utterances (methods whose intervals overlap "
+             f"bootstrap interval of the WER over the {n_scored} test utterances (methods whose intervals overlap "
              f"widely are not told apart by this test set). Transcript loss: the mean "
              "next-token loss on the test transcripts given their speech (teacher forcing), which moves long before "
              "WER does. Text ppl / KL / greedy agreement: general English the corpus never spoke (40 fortunes "

@@ -326,9 +326,9 @@ def _check_resumed_config(path: Path, saved: dict | None, cfg: TrainConfig) -> N
     changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
                if k not in RESUME_MAY_CHANGE and k in saved and _plain(saved[k]) != _plain(now[k])]
     if changed:
-        raise ValueError(f"checkpoint {path} was written by a run with another recipe ({'; '.join(changed)}): "
-                         f"resume with the original settings (only {', '.join(RESUME_MAY_CHANGE)} may change), or "
-                         f"start a new run in another folder")
+        raise ResumeMismatch(f"checkpoint {path} was written by a run with another recipe ({'; '.join(changed)}): "
+                             f"resume with the original settings (only {', '.join(RESUME_MAY_CHANGE)} may change), "
+                             f"or start a new run in another folder")
 
 
 def _plain(value):
@@ -351,8 +351,8 @@ def load_checkpoint(path: Path, lm: SpeechLM, opt, sched, cfg: TrainConfig | Non
     try:
         opt.load_state_dict(ckpt["optimizer"])
     except ValueError as e:  # e.g. speech_lr set in one run and not the other: a different number of groups
-        raise ValueError(f"checkpoint {path} was written with other optimizer parameter groups (TrainConfig.lr / "
-                         f"speech_lr must match the interrupted run's): {e}") from None
+        raise ResumeMismatch(f"checkpoint {path} was written with other optimizer parameter groups "
+                             f"(TrainConfig.lr / speech_lr must match the interrupted run's): {e}") from None
     sched.load_state_dict(ckpt["scheduler"])
     _set_rng_state(ckpt["rng"])
     return ckpt["state"]
@@ -361,8 +361,13 @@ def load_checkpoint(path: Path, lm: SpeechLM, opt, sched, cfg: TrainConfig | Non
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
+class ResumeMismatch(ValueError):
+    """A checkpoint that the run asked to resume was written under another recipe or optimizer layout."""
+
+
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag instead of killing the process: the loop saves and stops at the next step."""
+    """SIGINT/SIGTERM set a flag instead of killing the process: the loop saves and stops at the next step. A second
+    signal before then interrupts at once (``KeyboardInterrupt``), leaving the last checkpoint."""
 
     def __init__(self):
         self.signal = None
@@ -377,6 +382,8 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: stop at once (the last checkpoint stays)
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again while stopping")
         self.signal = signal.Signals(signum).name
 
     def __exit__(self, *exc):
@@ -585,15 +592,22 @@ def add_speech_input_arguments(p, *, default: str) -> None:
                         "even integer: 50, 25, 12.5, ...)")
 
 
-def positive_int(value: str) -> int:
-    """argparse type: an int >= 1."""
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {n}")
-    return n
+def _int_at_least(low: int):
+    """An argparse type: an int >= ``low``."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {n}")
+        return n
+
+    return parse
+
+
+positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
 
 
 def _placement(value: str) -> str | list[int]:
@@ -631,7 +645,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=1024)
     add_text_replay_arguments(p, default=0.0)  # the paper's recipe: none
     p.add_argument("--grad-accum", type=positive_int, default=1)
-    p.add_argument("--eval-every", type=int, default=50, help="steps between dev losses (0: none)")
+    p.add_argument("--eval-every", type=nonnegative_int, default=50, help="steps between dev losses (0: none)")
     p.add_argument("--save-every", type=positive_int, default=50)
     p.add_argument("--budget-minutes", type=float, default=None)
     p.add_argument("--resume", action="store_true",
@@ -656,8 +670,8 @@ def run(args) -> int:
         print(f"mdus train: {args.out} already holds a run (checkpoint.pt): pass --resume to continue it, or use "
               f"another --out")
         return 2
-    if args.eval_every < 0:
-        print(f"mdus train: --eval-every must be >= 0, got {args.eval_every}")
+    if args.resume and not (args.out / "checkpoint.pt").is_file():
+        print(f"mdus train --resume: no checkpoint at {args.out / 'checkpoint.pt'}")
         return 2
     try:
         if args.speech_input == "features":
@@ -729,7 +743,11 @@ def run(args) -> int:
         # replay then leaves out exactly the passages the evaluation holds out.
         spoken = [u.text for u in read_manifest(manifests["train"])]
         replay = general_text_replay(spoken, text_tok, args.model, device=device)
-    summary = train(lm, train_seqs, dev_seqs, cfg, args.out, resume=args.resume, device=device, replay=replay)
+    try:
+        summary = train(lm, train_seqs, dev_seqs, cfg, args.out, resume=args.resume, device=device, replay=replay)
+    except ResumeMismatch as exc:
+        print(f"mdus train --resume: {exc}")
+        return 2
     lm.save_trainable(args.out / "trainable.safetensors")
     print(json.dumps({k: v for k, v in summary.items() if k != "last"}), json.dumps(summary["last"]))
     return 0 if summary["status"] in ("done", "budget") else 130

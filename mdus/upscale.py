@@ -151,6 +151,9 @@ class SpeechLM(nn.Module):
             raise ValueError(f"block must be one of {', '.join(BLOCKS)}, got {config.block!r}")
         if config.speech_vocab_size < 0:
             raise ValueError(f"speech_vocab_size must be >= 0, got {config.speech_vocab_size}")
+        if config.route == "speech_only" and not config.speech_vocab_size:
+            raise ValueError("route='speech_only' needs speech_vocab_size >= 1: without speech positions the "
+                             "inserted blocks would never run on anything")
         head = base.get_output_embeddings()
         if head is None or getattr(head, "bias", None) is not None:
             raise ValueError("the base model needs a bias-free linear output head (a causal LM)")
@@ -641,7 +644,8 @@ def describe(model: SpeechLM) -> str:
             rows[key] = (train + p.numel(), frozen) if p.requires_grad else (train, frozen + p.numel())
     if model.speech_out is not None:
         seen.add(id(model.speech_out))
-        rows["speech head"] = (model.speech_out.numel(), 0)
+        n = model.speech_out.numel()
+        rows["speech head"] = (n, 0) if model.speech_out.requires_grad else (0, n)
     rest = [p for p in model.parameters() if id(p) not in seen]
     if rest:
         rows["other"] = (sum(p.numel() for p in rest if p.requires_grad),

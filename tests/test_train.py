@@ -93,6 +93,20 @@ def test_speech_lr_moves_only_its_group(tmp_path, method):
                 assert moved == ((speech_lr if id(p) in speech else lr) > 0), n
 
 
+def test_second_signal_interrupts_at_once(tmp_path):
+    """The first SIGTERM asks the loop to save and stop after the step; a second one before then does not wait."""
+    before = signal.getsignal(signal.SIGTERM)
+
+    def twice(step, _):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM again"):
+        T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(), tmp_path, on_step=twice)
+    assert signal.getsignal(signal.SIGTERM) is before  # the handlers are put back
+
+
 def test_budget_and_errors(tmp_path):
     result = T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(budget_minutes=0.0), tmp_path)
     assert result["status"] == "budget" and result["step"] == 1

@@ -47,6 +47,8 @@ def test_train_cli_and_resume(tiny_setup, speech_input):
         args += ["--text-kl", "1", "--text-kl-passages", "2"]
     assert main(args) == 0
     assert main(args) == 2  # the folder holds a run: continuing it takes --resume
+    lr_at = args.index("--max-steps")
+    assert main(args[:lr_at] + ["--lr", "0.5"] + args[lr_at:] + ["--resume"]) == 2  # another recipe
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [ln["step"] for ln in lines] == [1, 2, 3, 4] and "dev_loss" in lines[1]
     assert all(("text_kl" in ln) == replay for ln in lines)

@@ -108,6 +108,9 @@ def test_train_text_embeddings_flag():
     assert model.get_input_embeddings().weight.requires_grad and model.get_output_embeddings().weight.requires_grad
     assert not any(p.requires_grad for p in model.get_decoder().layers.parameters())
     assert lm.speech_out is not None and lm.speech_head is lm.speech_out  # qwen2 here does not tie its head
+    lm.speech_out.requires_grad_(False)  # frozen by the user: describe says so
+    row = next(ln for ln in mdus.describe(lm).splitlines() if ln.startswith("speech head")).split()
+    assert row[-2:] == ["0", f"{lm.speech_out.numel():,}"]
 
 
 @pytest.mark.parametrize("block", BLOCKS)
@@ -240,6 +243,8 @@ def test_bad_inputs():
         lm(torch.zeros(1, 3))
     with pytest.raises(ValueError, match=r"attention_mask must be \(batch, past \+ tokens\) = \(2, 3\).*got \(2, 5\)"):
         lm(torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"route='speech_only' needs speech_vocab_size >= 1"):
+        mdus.upscale(_pair("llama")[0], route="speech_only")
     with pytest.raises(ValueError, match=r"insertion positions must be in \[0, 8\].*got \[9\]"):
         mdus.SpeechLM(_pair("llama")[0], SpeechLMConfig(positions=[2, 9]))
 
