@@ -67,6 +67,9 @@ class SpeechLMAdapter:
         """Log-probability of ``continuation`` after ``context`` (left-truncated to fit), and whether it is greedy."""
         if not continuation:
             return 0.0, True
+        if len(continuation) > self.max_length:
+            raise ValueError(f"a continuation of {len(continuation)} tokens does not fit the model's context "
+                             f"(max_length={self.max_length})")
         ids = (context + continuation)[-(self.max_length + 1):]
         logp = self._logprobs(ids[:-1])[-len(continuation):]
         target = torch.tensor(continuation, device=logp.device)

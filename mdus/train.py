@@ -25,7 +25,6 @@ import json
 import math
 import random
 import signal
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -532,7 +531,8 @@ def _json_or_none(line: str) -> dict | None:
 
 def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progress: bool = True):
     """``[(utterance, speech, text ids)]`` and the training examples of a manifest's utterances (bad audio is
-    skipped, counted and reported). ``speech`` is unit ids, or log-mel features for a continuous front end."""
+    skipped, counted and reported: ``AudioStream`` logs a warning). ``speech`` is unit ids, or log-mel features
+    for a continuous front end."""
     from tqdm.auto import tqdm
 
     from mdus.data.audio import AudioStream
@@ -544,8 +544,6 @@ def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progr
         speech = speech_tokenizer.encode(wave)
         text = torch.tensor(text_tokenizer(" " + utt.text.strip(), add_special_tokens=False).input_ids)
         items.append((utt, speech, text))
-    if stream.n_skipped:
-        print(stream.summary(), file=sys.stderr)  # stdout may be a command's JSON
     continuous = getattr(speech_tokenizer, "continuous", False)
     seqs = []
     for _, speech, text in items:

@@ -324,6 +324,8 @@ def test_lm_eval_rolling_windows(monkeypatch):
         want += float(logp[range(scored_from, 4), seq[first + 1 + scored_from:first + 5]].sum())
     (got,) = model.loglikelihood_rolling([FakeInstance(("0123456789",))])
     assert got == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match=r"a continuation of 10 tokens does not fit the model's context"):
+        model.loglikelihood([FakeInstance(("", "0123456789"))])
 
 
 def test_lm_eval_not_installed(monkeypatch, capsys):

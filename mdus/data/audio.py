@@ -120,9 +120,10 @@ class AudioStream:
     * ``fixed``: ``{"resampled": n, "downmixed": n}`` for files repaired on the way;
     * ``examples``: the first few ``(path, reason, detail)`` of skipped files, for the report.
 
-    A summary is logged once at the end of a full pass when anything was skipped, and ``summary()`` gives it as
-    text. Counters accumulate over repeated passes. In a ``DataLoader`` with worker processes each worker keeps its
-    own counts, so count in the main process (or with ``num_workers=0``).
+    A summary is logged (a warning on the ``mdus.data`` logger) once at the end of a full pass when anything was
+    skipped, unless ``log_summary=False`` (for a caller that prints its own), and ``summary()`` gives it as text.
+    Counters accumulate over repeated passes. In a ``DataLoader`` with worker processes each worker keeps its own
+    counts, so count in the main process (or with ``num_workers=0``).
 
     Example:
         >>> stream = AudioStream(read_corpus("dev.jsonl"))   # doctest: +SKIP
@@ -131,8 +132,10 @@ class AudioStream:
         Counter({'corrupt': 2, 'empty': 1})
     """
 
-    def __init__(self, utterances: Iterable, target_sr: int = SAMPLE_RATE, *, max_examples: int = 20):
+    def __init__(self, utterances: Iterable, target_sr: int = SAMPLE_RATE, *, max_examples: int = 20,
+                 log_summary: bool = True):
         self.utterances = utterances
+        self.log_summary = log_summary
         self.target_sr = target_sr
         self.max_examples = max_examples
         self.loaded = 0
@@ -154,7 +157,7 @@ class AudioStream:
             self.loaded += 1
             self.seconds += wav.numel() / self.target_sr
             yield utt, wav
-        if self.skipped:
+        if self.skipped and self.log_summary:
             log.warning("%s", self.summary())
 
     @property
