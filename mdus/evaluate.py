@@ -2,8 +2,8 @@
 
 **English normalization** before WER/CER (both sides): lower case; accents folded (``café`` -> ``cafe``: NFKD, then
 combining marks dropped); ``’`` -> ``'``; every character other than a-z, 0-9 and an apostrophe inside a word
-becomes a space; whitespace collapsed. So "Hello, World!" and "hello world" match, "don't" stays one word and
-"naïve" stays "naive".
+becomes a space; whitespace collapsed. So "Hello, World!" and "hello world" match, and "don't" and "naïve"
+("naive") stay one word each.
 
 **Text degradation** on held-out text, with the base model (a separately loaded, untouched copy) as reference. Two
 texts: general English the corpus never spoke (``general_text``: whole ``fortunes`` passages that contain no

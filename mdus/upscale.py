@@ -545,7 +545,7 @@ def lora(model: nn.Module, *, rank: int | None = None, match_params: int | None 
 
 def _base_shape(model: nn.Module) -> dict:
     """What a checkpoint's trainable tensors assume of the base beyond their own shapes: the depth the insertion
-    positions count in, and the text vocabulary the speech ids sit above."""
+    positions count in, the width, and the text vocabulary the speech ids sit above."""
     return {"layers": len(model.get_decoder().layers), "text_vocab": model.get_input_embeddings().weight.shape[0],
             "hidden": model.get_input_embeddings().weight.shape[1]}
 
@@ -561,13 +561,15 @@ def _rebuild(model: nn.Module, config: SpeechLMConfig) -> SpeechLM:
 
 def load(path: str | Path, model: nn.Module) -> SpeechLM:
     """Rebuilds a saved wrapper (``SpeechLM.save_trainable``) around a separately loaded base model and loads its
-    trainable tensors. Raises if the file does not match the model (missing or unexpected tensors, shapes)."""
+    trainable tensors. Raises if the file does not match the model (depth, width, text vocabulary, missing or
+    unexpected tensors, shapes), and then leaves ``model`` as it was."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     if "mdus_config" not in meta:
         raise ValueError(f"{path} is not an mdus checkpoint (no mdus_config metadata)")
     config = SpeechLMConfig(**json.loads(meta["mdus_config"]))
@@ -576,34 +578,24 @@ def load(path: str | Path, model: nn.Module) -> SpeechLM:
     if wrong:
         raise ValueError(f"{path} was saved from a different base model ({'; '.join(wrong)})")
     # Names and shapes are checked on a skeleton (meta device) first, so a mismatch leaves ``model`` untouched.
-    try:
-        with torch.device("meta"):
+    with torch.device("meta"):
+        try:
             skeleton = type(model)(copy.deepcopy(model.config))  # its own config: the wrapper edits it
-    except Exception:  # a host that cannot be rebuilt from its config: checked on the model itself below
-        skeleton = None
-    if skeleton is not None:
-        with torch.device("meta"):
-            _check_tensors(path, _rebuild(skeleton, config))
+        except Exception:  # a host that cannot be rebuilt from its config: checked on the model itself below
+            skeleton = None
+        if skeleton is not None:
+            _check_shapes(path, _rebuild(skeleton, config), shapes)
     wrapper = _rebuild(model, config)
-    device = str(model.get_input_embeddings().weight.device)
-    tensors = _check_tensors(path, wrapper, load_file(str(path), device=device))
+    _check_shapes(path, wrapper, shapes)
     params = dict(wrapper.named_parameters())
     with torch.no_grad():
-        for name, value in tensors.items():
+        for name, value in load_file(str(path), device=str(model.get_input_embeddings().weight.device)).items():
             params[name].copy_(value)
     return wrapper
 
 
-def _check_tensors(path: Path, wrapper: SpeechLM, tensors: dict | None = None) -> dict:
-    """Raises unless the checkpoint at ``path`` (or its loaded ``tensors``) holds exactly ``wrapper``'s trainable
-    tensors, with their shapes; returns ``tensors``."""
-    from safetensors import safe_open
-
-    if tensors is None:
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    else:
-        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+def _check_shapes(path: Path, wrapper: SpeechLM, shapes: dict) -> None:
+    """Raises unless ``shapes`` (a checkpoint's tensor names and shapes) are exactly ``wrapper``'s trainables'."""
     expected = {k: tuple(v.shape) for k, v in wrapper.trainable_state_dict().items()}
     missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or unexpected:
@@ -611,7 +603,6 @@ def _check_tensors(path: Path, wrapper: SpeechLM, tensors: dict | None = None) -
     for name, shape in shapes.items():
         if shape != expected[name]:
             raise ValueError(f"{path}: {name} has shape {shape}, the model expects {expected[name]}")
-    return tensors
 
 
 # ------------------------------------------------------------------------------------------------------ report
