@@ -33,7 +33,16 @@ def main(argv: list[str] | None = None) -> int:
         add_arguments(p)
         p.set_defaults(_run=run)
     args = parser.parse_args(argv)
-    return int(args._run(args) or 0)
+    quiet = getattr(args, "no_progress", False)
+    if quiet:  # also the bars of transformers' own loading and saving, for this command
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    try:
+        return int(args._run(args) or 0)
+    finally:
+        if quiet:
+            hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ method's timed training step (``OUT/schedule.json``); the rest goes to evaluatio
 Nothing is lost to an interruption: SIGINT/SIGTERM during training save a checkpoint and exit with status 130, and
 rerunning the same command into the same ``OUT`` keeps the methods already in ``results.json`` and resumes the
 interrupted one from its checkpoint with its saved configuration (``OUT/<method>/train_config.json``). A rerun
-must keep OUT's settings (``OUT/demo_settings.json``; only ``--budget-minutes``, ``--methods`` and ``--device`` may
-change); methods it does not name stay in the results.
+must keep OUT's settings (``OUT/demo_settings.json``; only ``--budget-minutes``, ``--methods``, ``--device`` and
+``--no-progress`` may change); methods it does not name stay in the results.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_text_replay_arguments(p, default=16.0, passages=2)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (logs, CI)")
 
 
 def _step_seconds(lm, seqs, cfg, device, replay=None) -> float:
@@ -143,9 +144,9 @@ def run(args: argparse.Namespace) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     # What a rerun into OUT keeps (data, tokenizer, trained methods, results) was made with OUT's first settings: a
-    # rerun must use them too. Only the budget, the methods and the device may change.
-    settings = {k: v for k, v in sorted(vars(args).items()) if k not in ("out", "budget_minutes", "methods", "device")}
-    settings = json.loads(json.dumps(settings, default=str))
+    # rerun must use them too. Only the budget, the methods, the device and the progress bars may change.
+    free = ("out", "budget_minutes", "methods", "device", "no_progress")
+    settings = json.loads(json.dumps({k: v for k, v in sorted(vars(args).items()) if k not in free}, default=str))
     settings_file = out / "demo_settings.json"
     if settings_file.is_file():
         saved = json.loads(settings_file.read_text())
@@ -161,8 +162,9 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
 
     print(f"[1/5] data -> {out / 'data'}")
+    progress = not args.no_progress
     manifests = synthesize(out / "data", n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test, seed=args.seed,
-                           max_words=args.max_words, max_vocab=args.max_vocab or None)
+                           max_words=args.max_words, max_vocab=args.max_vocab or None, progress=progress)
 
     print(f"[2/5] speech input: {_speech_input(args)}")
     from mdus.data.audio import AudioStream
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = T.fit_speech_input(args.speech_input, [w for _, w in utterances], units=args.units,
                                        frame_rate=args.frame_rate, seed=args.seed, save_to=tok_dir,
                                        texts=[u.text for u, _ in utterances], ctc_epochs=args.ctc_epochs,
-                                       device=device)
+                                       device=device, progress=progress)
         tokenizer.save(tok_dir)
     if args.speech_input.startswith("ctc-") and not (tok_dir / "encoder_test.json").is_file():
         # What the speech input can carry: the CTC encoder's own transcription of the test split.
@@ -186,9 +188,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"      the CTC encoder alone on the test split: CER {rates['cer']:.3f}, WER {rates['wer']:.3f}")
     _, text_tok = load_base(args.model)
     encoder = T.speech_encoder_config(tokenizer, text_tok)
-    _, train_seqs = T.sequences_from_manifest(manifests["train"], tokenizer, text_tok)
-    _, dev_seqs = T.sequences_from_manifest(manifests["dev"], tokenizer, text_tok)
-    test_items, test_seqs = T.sequences_from_manifest(manifests["test"], tokenizer, text_tok)
+    _, train_seqs = T.sequences_from_manifest(manifests["train"], tokenizer, text_tok, progress=progress)
+    _, dev_seqs = T.sequences_from_manifest(manifests["dev"], tokenizer, text_tok, progress=progress)
+    test_items, test_seqs = T.sequences_from_manifest(manifests["test"], tokenizer, text_tok, progress=progress)
     spoken = [u.text for u in read_manifest(manifests["train"])]
     general = E.general_text(spoken, seed=args.seed)
 
@@ -210,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
         return T.TrainConfig(lr=args.lr, speech_lr=args.speech_lr, max_tokens=args.max_tokens, seed=args.seed,
                              max_steps=max_steps, warmup_steps=max(1, min(20, max_steps // 10)),
                              eval_every=max(1, max_steps // 4), save_every=25, budget_minutes=budget_s / 60,
-                             text_kl=T.replay_weight(args.text_kl, route), text_kl_passages=args.text_kl_passages)
+                             text_kl=T.replay_weight(args.text_kl, route), text_kl_passages=args.text_kl_passages,
+                             progress=progress)
 
     # Every method trains for the same steps on the same batches in the same order, with the same schedule (the
     # paper's comparison): the step count is what fits 70% of the budget left, timed on each method's real step.
@@ -248,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         resume = (run_dir / "checkpoint.pt").is_file() and cfg_file.is_file()
         if resume:
             saved = json.loads(cfg_file.read_text())
-            cfg = T.TrainConfig(**{**saved, "betas": tuple(saved["betas"])})
+            cfg = T.TrainConfig(**{**saved, "betas": tuple(saved["betas"]), "progress": progress})
             print(f"      resuming {run_dir / 'checkpoint.pt'} ({cfg.max_steps} steps in all)")
         else:  # a hard stop at twice the expected time, should a step turn out far slower than timed
             cfg = config(schedule["max_steps"], 2 * schedule["max_steps"] * schedule["step_seconds"][name] + 60,
@@ -265,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         if base_ref is None:
             base_ref, _ = load_base(args.model, device=device)
         scores = E.evaluate_model(lm, base_ref, test_items, text_tok, general=general, device=device,
-                                  max_new_tokens=args.max_new_tokens)
+                                  max_new_tokens=args.max_new_tokens, progress=progress)
         results[name] = {**scores, "test_loss": T.evaluate_loss(lm, test_seqs, cfg, device),
                          "trainable_params": _count(lm), "steps": summary["step"],
                          "train_seconds": summary["elapsed_s"]}

@@ -79,7 +79,7 @@ def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, caps
     run keeps it. A rerun with another --text-kl is refused; speech_only trains without replay and keeps the text."""
     out = tiny_setup / "demo"
     args = ["demo", "--out", str(out), "--model", str(tiny_setup / "tiny"), "--budget-minutes", "0.5",
-            "--n-train", "8", "--n-dev", "2", "--n-test", "2", "--methods", "dus-transformer",
+            "--n-train", "8", "--n-dev", "2", "--n-test", "2", "--no-progress", "--methods", "dus-transformer",
             "dus-transformer@speech_only", "--max-new-tokens", "4", "--text-kl", "1", "--text-kl-passages", "2"]
     real_train = T.train
 
@@ -89,7 +89,9 @@ def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, caps
 
     monkeypatch.setattr(T, "train", interrupted)
     assert main(args) == 130
-    assert "stopped by SIGTERM at step 2" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "stopped by SIGTERM at step 2" in printed.out
+    assert "%|" not in printed.err  # --no-progress: no tqdm bar anywhere (data, speech input, training)
     run = out / "dus-transformer"
     max_steps = json.loads((run / "train_config.json").read_text())["max_steps"]
     assert json.loads((out / "schedule.json").read_text())["max_steps"] == max_steps  # shared by every method
