@@ -304,6 +304,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class ResumeMismatch(ValueError):
+    """A checkpoint that the run asked to resume was written under another recipe or optimizer layout."""
+
+
 # TrainConfig fields a resumed run may change: they decide when to save, evaluate or stop, not what a step does.
 RESUME_MAY_CHANGE = ("eval_every", "save_every", "budget_minutes", "progress")
 
@@ -358,10 +362,6 @@ def load_checkpoint(path: Path, lm: SpeechLM, opt, sched, cfg: TrainConfig | Non
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
-
-
-class ResumeMismatch(ValueError):
-    """A checkpoint that the run asked to resume was written under another recipe or optimizer layout."""
 
 
 class _StopFlag:
