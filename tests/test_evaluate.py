@@ -123,6 +123,40 @@ def test_ebranchformer_conv_state_follows_the_cache():
         lm(more[:, :1], past_key_values=cache, use_cache=True)
 
 
+@pytest.mark.parametrize("block", ["transformer", "ebranchformer"])
+def test_cache_batch_edits_match_recompute(block):
+    """Beam search's ``reorder_cache``, ``batch_select_indices`` and ``batch_repeat_interleave`` move the
+    E-Branchformer's conv history with the KV rows: the next step equals recomputing the chosen rows in full."""
+    from transformers import DynamicCache
+
+    lm, _ = _pair(block, perturb=0.3)
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    prompts = torch.randint(0, V + 10, (3, 5), generator=g)
+    step = torch.randint(0, V, (6, 1), generator=g)
+    for edit, rows in (("reorder_cache", torch.tensor([2, 2, 0])), ("batch_select_indices", torch.tensor([1, 2])),
+                       ("batch_repeat_interleave", 2)):
+        cache = DynamicCache()
+        lm(prompts, past_key_values=cache, use_cache=True)
+        getattr(cache, edit)(rows)
+        kept = prompts.repeat_interleave(rows, 0) if isinstance(rows, int) else prompts[rows]
+        nxt = step[: kept.shape[0]]
+        cached = lm(nxt, past_key_values=cache, use_cache=True, return_logits=True).logits
+        full = lm(torch.cat([kept, nxt], 1), return_logits=True).logits[:, -1:]
+        torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5, msg=edit)
+
+
+def test_ebranchformer_slot_filled_by_another_model_raises():
+    from transformers import DynamicCache
+
+    lm, _ = _pair("ebranchformer", perturb=0.3)
+    cache = DynamicCache()
+    slot = CONFIG.num_hidden_layers  # the first inserted block's
+    for i in range(slot + 1):
+        cache.update(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8), i)
+    with pytest.raises(ValueError, match=f"KV-cache slot {slot} .* is a DynamicLayer holding 3 tokens"):
+        lm(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+
+
 def test_greedy_decode_ebranchformer_and_eos():
     lm, _ = _pair("ebranchformer", perturb=0.3)
     prompt = torch.tensor([V + 1, V + 2, 3])

@@ -27,11 +27,44 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import mdus_kernels
 from mdus.attention import cu_seqlens_from_position_ids, mdus_attention_forward
 from mdus.blocks.cgmlp import ConvolutionalGatingMLP
+
+
+class ConvStateLayer(DynamicLayer):
+    """The KV-cache slot of an E-Branchformer block: a ``DynamicLayer`` that also keeps the block's conv history
+    (``conv_state``) and applies the cache's batch edits to it (beam-search ``reorder_cache``,
+    ``batch_select_indices``, ``batch_repeat_interleave``; ``reset`` drops it). A ``crop`` cannot bring back rows
+    the history no longer holds: the block raises on its next call instead."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv_state = None  # (cache length it was saved at, x rows, speech flags, c rows), batch first
+
+    def _edit_batch(self, edit) -> None:
+        if self.conv_state is not None:
+            seen, *rows = self.conv_state
+            self.conv_state = (seen, *(edit(r) for r in rows))
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._edit_batch(lambda r: r.index_select(0, beam_idx.to(r.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._edit_batch(lambda r: r[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._edit_batch(lambda r: r.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        super().reset()
+        self.conv_state = None
 
 
 def make_norm(norm: str | Callable[[int], nn.Module], size: int, eps: float) -> nn.Module:
@@ -172,6 +205,26 @@ class EBranchformerBlock(nn.Module):
                                                  causal=self.causal).view(c.shape)
         return mdus_kernels.depthwise_conv1d(c, self.fusion_weight, self.fusion_bias, causal=self.causal)
 
+    def _claim_slot(self, cache) -> None:
+        """Makes the block's KV-cache slot a ``ConvStateLayer`` (before the attention fills it), creating the slots
+        up to it in a lazily grown cache."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or self.layer_idx is None:
+            raise ValueError("cached decoding of an E-Branchformer block needs a transformers Cache with per-layer "
+                             "slots (DynamicCache) and the block's layer_idx")
+        grow = getattr(cache, "layer_class_to_replicate", None)
+        while grow is not None and len(layers) < self.layer_idx:
+            layers.append(grow())
+        if len(layers) == self.layer_idx:
+            layers.append(ConvStateLayer())
+        elif not isinstance(layers[self.layer_idx], ConvStateLayer):
+            slot = layers[self.layer_idx]
+            if type(slot) is not DynamicLayer or slot.get_seq_length() > 0:
+                raise ValueError(f"KV-cache slot {self.layer_idx} (this E-Branchformer block's) is a "
+                                 f"{type(slot).__name__} holding {slot.get_seq_length()} tokens: decode with a "
+                                 "DynamicCache filled only by this model")
+            layers[self.layer_idx] = ConvStateLayer()
+
     def _cached_convs(self, cache, x, a, gate, cu, valid):
         """(c, merge DWConv(c)) for the new rows of incremental decoding. A KV cache holds no conv inputs, so the
         block keeps, on the cache object, the last k_cgmlp - 1 branch inputs (with their speech flags) and the last
@@ -183,13 +236,13 @@ class EBranchformerBlock(nn.Module):
                                       "sequence each")
         batch, t, _ = x.shape
         speech = gate if gate is not None else torch.ones(batch, t, dtype=torch.bool, device=x.device)
-        store = cache.__dict__.setdefault("_mdus_conv_state", {})
+        slot = cache.layers[self.layer_idx]
         # The attention has already added the new rows to the cache: it held ``past`` tokens before this call. The
         # conv state must be the one saved when the cache held that many; a cache cropped or rewound since then
         # (``DynamicCache.crop``) would pair the new rows with the wrong history.
         past = cache.get_seq_length(self.layer_idx) - t
         empty = (0, x[:, :0], speech[:, :0], x.new_zeros(batch, 0, 2 * x.shape[-1]))
-        seen, x_hist, s_hist, c_hist = store.get(self.layer_idx, empty) if past else empty
+        seen, x_hist, s_hist, c_hist = (slot.conv_state or empty) if past else empty
         if seen != past:
             raise ValueError(f"the KV cache holds {past} tokens but this E-Branchformer block's conv state was saved "
                              f"at {seen} (the cache was cropped or rewound, or filled without this model): decode "
@@ -200,7 +253,7 @@ class EBranchformerBlock(nn.Module):
         fused = self._merge_conv(c_all, None)[:, -t:]
         k_gate, k_merge = self.cgmlp.csgu.conv.weight.shape[-1], self.fusion_weight.shape[-1]
         keep = lambda v, n: v[:, v.shape[1] - min(n, v.shape[1]):]  # noqa: E731
-        store[self.layer_idx] = (past + t, keep(x_all, k_gate - 1), keep(s_all, k_gate - 1), keep(c_all, k_merge - 1))
+        slot.conv_state = (past + t, keep(x_all, k_gate - 1), keep(s_all, k_gate - 1), keep(c_all, k_merge - 1))
         return c, fused
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -218,6 +271,8 @@ class EBranchformerBlock(nn.Module):
 
         if self.ffn_macaron is not None:
             x = x + 0.5 * self.ffn_macaron(self.norm_ffn_macaron(x))
+        if past_key_values is not None:
+            self._claim_slot(past_key_values)
         a = self._attend(self.norm_mha(x), attention_mask, position_ids, position_embeddings, past_key_values,
                          **kwargs)
         if past_key_values is not None:
