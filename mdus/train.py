@@ -474,6 +474,9 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not cfg.progress, desc="train", unit="step")
     with _StopFlag() as stop, open(metrics_path, "a") as log:
         while state["step"] < cfg.max_steps:
+            if cfg.budget_minutes is not None and state["elapsed_s"] > cfg.budget_minutes * 60:
+                status = "budget"  # a resume with the budget already spent: nothing to add (raise it to go on)
+                break
             opt.zero_grad(set_to_none=True)
             loss_sum, kl_sum, n_tok = 0.0, 0.0, 0
             for micro in range(cfg.grad_accum):
@@ -511,8 +514,8 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
             over_budget = cfg.budget_minutes is not None and state["elapsed_s"] > cfg.budget_minutes * 60
             if stop.signal or over_budget or state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
                 save_checkpoint(ckpt_path, lm, opt, sched, dict(state), cfg)
-            if stop.signal or over_budget:
-                status = stop.signal or "budget"
+            if stop.signal:
+                status = stop.signal
                 break
     bar.close()
     return {"status": status, **state, "last": last, "checkpoint": str(ckpt_path), "metrics": str(metrics_path)}

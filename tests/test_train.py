@@ -113,6 +113,12 @@ def test_budget_and_errors(tmp_path):
     first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert first["lr"] == pytest.approx(3e-3 * T.lr_factor(0, _cfg()))  # the rate step 1 ran at (warm-up: half)
     assert (tmp_path / "checkpoint.pt").is_file() and not (tmp_path / "checkpoint.pt.tmp").exists()
+    log = (tmp_path / "metrics.jsonl").read_text()
+    again = T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(budget_minutes=0.0), tmp_path, resume=True)
+    assert again["status"] == "budget" and again["step"] == 1  # the budget is spent: no step is added
+    assert (tmp_path / "metrics.jsonl").read_text() == log
+    more = T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(), tmp_path, resume=True)  # budget lifted
+    assert more["status"] == "done" and more["step"] == _cfg().max_steps
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(), tmp_path / "empty", resume=True)
     with pytest.raises(ValueError, match=r"another recipe \(speech_lr: None -> 0.01\)"):
