@@ -39,7 +39,8 @@ def insertion_positions(n_layers: int, n_insert: int | None, placement: str | li
     """Where the new blocks go, as the number of original layers that run before each block (0..n_layers).
     ``n_insert`` None: 25% of the depth for a named placement, the count of a list.
 
-    * ``interleaved``: one block after every ``n_layers / n_insert`` layers (after layers 4, 8, ... for 32 + 8);
+    * ``interleaved``: one block after every ``n_layers / n_insert`` layers (after layers 4, 8, ... for 32 + 8;
+      with more blocks than layers, spread as evenly as they go after the layers, never before the first);
     * ``top`` / ``bottom`` / ``middle``: all blocks after the last layer / before the first / after layer L // 2;
     * ``sandwich``: half before the first layer, half after the last;
     * a list of ints: those positions.
@@ -61,6 +62,8 @@ def insertion_positions(n_layers: int, n_insert: int | None, placement: str | li
     if n_insert < 0:
         raise ValueError(f"n_insert must be >= 0, got {n_insert}")
     if placement == "interleaved":
+        if n_insert > n_layers:  # more blocks than layers: rounded up, so every block still follows a layer
+            return [-(-(i + 1) * n_layers // n_insert) for i in range(n_insert)]
         return [(i + 1) * n_layers // n_insert for i in range(n_insert)]
     if placement == "top":
         return [n_layers] * n_insert

@@ -217,6 +217,11 @@ def test_placements():
     assert pos(8, 2, "top") == [8, 8] and pos(8, 2, "bottom") == [0, 0] and pos(8, 2, "middle") == [4, 4]
     assert pos(8, 3, "sandwich") == [0, 8, 8]
     assert pos(8, None, [5, 1]) == [1, 5]
+    for n in range(1, 27):  # every count, also more blocks than the 8 layers: each after a layer, evenly spread
+        got = pos(8, n, "interleaved")
+        per_layer = [got.count(layer) for layer in range(1, 9)]
+        assert len(got) == n and got == sorted(got) and got[-1] == 8 and 0 not in got
+        assert max(per_layer) - min(per_layer) <= 1 if n >= 8 else max(per_layer) == 1
     model, _ = _pair("llama")
     lm = mdus.upscale(model)
     assert len(lm.blocks) == 2 and [k for k, _ in lm.stack()].count("inserted") == 2  # 25% of 8 layers
