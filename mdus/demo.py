@@ -170,10 +170,11 @@ def run(args: argparse.Namespace) -> int:
     from mdus.data.audio import AudioStream
 
     tok_dir = out / "tokenizer"
+    read = {}  # split -> its (utterance, waveform) pairs, where they are read here already
     if (tok_dir / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(tok_dir)
     else:
-        utterances = list(AudioStream(read_manifest(manifests["train"])))
+        utterances = read["train"] = list(AudioStream(read_manifest(manifests["train"])))
         tokenizer = T.fit_speech_input(args.speech_input, [w for _, w in utterances], units=args.units,
                                        frame_rate=args.frame_rate, seed=args.seed, save_to=tok_dir,
                                        texts=[u.text for u, _ in utterances], ctc_epochs=args.ctc_epochs,
@@ -182,15 +183,16 @@ def run(args: argparse.Namespace) -> int:
     if args.speech_input.startswith("ctc-") and not (tok_dir / "encoder_test.json").is_file():
         # What the speech input can carry: the CTC encoder's own transcription of the test split.
         ctc = tokenizer.encoder if args.speech_input == "ctc-chars" else tokenizer.features
-        tests = list(AudioStream(read_manifest(manifests["test"])))
+        tests = read["test"] = list(AudioStream(read_manifest(manifests["test"])))
         rates = E.error_rates([u.text for u, _ in tests], [ctc.transcribe(w) for _, w in tests])
         (tok_dir / "encoder_test.json").write_text(json.dumps(rates, indent=1))
         print(f"      the CTC encoder alone on the test split: CER {rates['cer']:.3f}, WER {rates['wer']:.3f}")
     _, text_tok = load_base(args.model)
     encoder = T.speech_encoder_config(tokenizer, text_tok)
-    _, train_seqs = T.sequences_from_manifest(manifests["train"], tokenizer, text_tok, progress=progress)
-    _, dev_seqs = T.sequences_from_manifest(manifests["dev"], tokenizer, text_tok, progress=progress)
-    test_items, test_seqs = T.sequences_from_manifest(manifests["test"], tokenizer, text_tok, progress=progress)
+    (_, train_seqs), (_, dev_seqs), (test_items, test_seqs) = (
+        T.sequences_from_manifest(manifests[split], tokenizer, text_tok, progress=progress, audio=read.get(split))
+        for split in ("train", "dev", "test"))
+    read.clear()  # the waveforms are not needed past here
     spoken = [u.text for u in read_manifest(manifests["train"])]
     general = E.general_text(spoken, seed=args.seed)
 

@@ -532,18 +532,21 @@ def _json_or_none(line: str) -> dict | None:
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progress: bool = True):
+def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progress: bool = True,
+                            audio: list | None = None):
     """``[(utterance, speech, text ids)]`` and the training examples of a manifest's utterances (bad audio is
     skipped, counted and reported: ``AudioStream`` logs a warning). ``speech`` is unit ids, or log-mel features
-    for a continuous front end."""
+    for a continuous front end. ``audio``: the manifest's ``(utterance, waveform)`` pairs when the caller has
+    already read them (to fit the speech input), so that the files are not read again."""
     from tqdm.auto import tqdm
 
     from mdus.data.audio import AudioStream
     from mdus.data.readers import read_manifest
 
-    stream = AudioStream(read_manifest(manifest))
+    stream = AudioStream(read_manifest(manifest)) if audio is None else audio
     items = []
-    for utt, wave in tqdm(stream, desc=f"speech {Path(manifest).stem}", disable=not progress):
+    for utt, wave in tqdm(stream, desc=f"speech {Path(manifest).stem}", disable=not progress,
+                          total=None if audio is None else len(audio)):
         speech = speech_tokenizer.encode(wave)
         text = torch.tensor(text_tokenizer(" " + utt.text.strip(), add_special_tokens=False).input_ids)
         items.append((utt, speech, text))
@@ -690,6 +693,7 @@ def run(args) -> int:
             print(f"mdus train: {exc}")
             return 2
     tok_dir = args.tokenizer or args.out / "tokenizer"
+    utterances = None  # the training audio, when it is read here to fit the speech input
     if (tok_dir / "tokenizer.json").is_file():
         speech_tok = load_tokenizer(tok_dir)
         if not args.resume and args.tokenizer is None:
@@ -718,7 +722,9 @@ def run(args) -> int:
                                       progress=not args.no_progress)
         speech_tok.save(tok_dir)
     progress = not args.no_progress
-    _, train_seqs = sequences_from_manifest(manifests["train"], speech_tok, text_tok, progress=progress)
+    _, train_seqs = sequences_from_manifest(manifests["train"], speech_tok, text_tok, progress=progress,
+                                            audio=utterances)
+    del utterances  # the waveforms are not needed past here
     if not train_seqs:
         print(f"mdus train: {manifests['train']} has no readable utterance (see `mdus data check`)")
         return 2

@@ -37,7 +37,7 @@ def tiny_setup(tmp_path_factory):
 
 
 @pytest.mark.parametrize("speech_input", ["units", "features", "ctc-units", "ctc-chars"])
-def test_train_cli_and_resume(tiny_setup, speech_input):
+def test_train_cli_and_resume(tiny_setup, speech_input, monkeypatch):
     out = tiny_setup / f"run_{speech_input}"
     args = ["train", "--data", str(tiny_setup / "corpus"), "--out", str(out), "--model", str(tiny_setup / "tiny"),
             "--method", "dus-ebranchformer", "--speech-input", speech_input, "--units", "8", "--ctc-epochs", "2",
@@ -45,7 +45,12 @@ def test_train_cli_and_resume(tiny_setup, speech_input):
     replay = speech_input == "features"  # text replay on fortunes passages, with one of the inputs
     if replay:
         args += ["--text-kl", "1", "--text-kl-passages", "2"]
+    import mdus.data.audio as A
+
+    reads, load_audio = [], A.load_audio
+    monkeypatch.setattr(A, "load_audio", lambda path, *a, **k: reads.append(path) or load_audio(path, *a, **k))
     assert main(args) == 0
+    assert len(reads) == len(set(reads)) == 8 + 2  # each train and dev file read once (fitting the input included)
     assert main(args) == 2  # the folder holds a run: continuing it takes --resume
     lr_at = args.index("--max-steps")
     assert main(args[:lr_at] + ["--lr", "0.5"] + args[lr_at:] + ["--resume"]) == 2  # another recipe
