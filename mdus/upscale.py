@@ -27,7 +27,7 @@ from torch import nn
 
 import mdus_kernels
 from mdus.attention import NAME as ATTN_NAME
-from mdus_kernels._checks import check_offsets, check_offsets_values
+from mdus_kernels._checks import check_offsets, longest_segment
 
 PLACEMENTS = ("interleaved", "sandwich", "top", "middle", "bottom")
 ROUTES = ("all", "speech_only")
@@ -354,10 +354,10 @@ class SpeechLM(nn.Module):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int32, torch.int64):
             raise TypeError("input_ids must be an int64/int32 tensor of token ids")
         vocab = self.text_vocab_size + self.config.speech_vocab_size
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        lo, hi = torch.stack([input_ids.min(), input_ids.max()]).tolist() if input_ids.numel() else (0, 0)
+        if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must be in [0, {vocab}) (text vocabulary {self.text_vocab_size} + speech "
-                             f"{self.config.speech_vocab_size}), got values in [{int(input_ids.min())}, "
-                             f"{int(input_ids.max())}]")
+                             f"{self.config.speech_vocab_size}), got values in [{lo}, {hi}]")
         kwargs = {}
         if cu_seqlens is not None:
             if input_ids.dim() != 1:
@@ -366,11 +366,11 @@ class SpeechLM(nn.Module):
             if attention_mask is not None:
                 raise ValueError("a packed batch (cu_seqlens) has no padding: attention_mask must be None")
             check_offsets(cu_seqlens, "cu_seqlens", device=input_ids.device)
-            check_offsets_values(cu_seqlens, "cu_seqlens", input_ids.shape[0], "input_ids.shape[0]")
+            longest = longest_segment(cu_seqlens, "cu_seqlens", input_ids.shape[0], "input_ids.shape[0]")
             cu = cu_seqlens.to(torch.int32)
             lengths = (cu[1:] - cu[:-1]).long()
             if max_seqlen is None:
-                max_seqlen = int(lengths.max()) if lengths.numel() else 0
+                max_seqlen = longest
             if position_ids is None:
                 starts = torch.repeat_interleave(cu[:-1].long(), lengths, output_size=input_ids.shape[0])
                 position_ids = torch.arange(input_ids.shape[0], device=input_ids.device) - starts

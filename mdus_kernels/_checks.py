@@ -1,10 +1,11 @@
 """Argument checks shared by the public ops.
 
 Static checks (rank, dtype, device) run in the public functions and are traceable by torch.compile. Checks of
-offset *values* need the data, so they run inside the registered ops, where a sync cannot break a graph; they
-are skipped while a CUDA graph is being captured (a sync is illegal there) or when ``MDUS_CHECK_OFFSETS=0``.
-The kernels clamp offsets into range, so unchecked bad offsets give wrong numbers but never touch memory
-outside the tensors.
+offset *values* need the data, so they run inside the registered ops, where a sync cannot break a graph (and
+where a public function must read a length from the data anyway, e.g. an omitted ``max_seqlen``). A tensor that
+passed is remembered until it changes in place. The checks are skipped while a CUDA graph is being captured (a
+sync is illegal there) or when ``MDUS_CHECK_OFFSETS=0``. The kernels clamp offsets into range, so unchecked bad
+offsets give wrong numbers but never touch memory outside the tensors.
 """
 
 import os
@@ -47,26 +48,44 @@ def _value_checks_enabled(t: torch.Tensor) -> bool:
 
 
 def check_offsets_values(offsets: torch.Tensor, name: str, total: int, total_name: str,
-                         max_len: int | None = None, max_len_name: str = "max_seqlen") -> None:
+                         max_len: int | None = None, max_len_name: str = "max_seqlen") -> int | None:
     """``offsets[0] == 0``, ``offsets[-1] == total`` and non-decreasing, and with ``max_len`` no segment longer
     than it (a kernel grid sized by ``max_len`` would leave longer segments' rows unwritten); raises ValueError
-    naming the problem.
+    naming the problem. Returns the longest segment, or None when the checks are off.
 
-    One device sync on GPU; the detailed message is only computed on failure.
+    One device sync on GPU, the first time a tensor is checked: a tensor that passed remembers it, with its version
+    counter (an in-place change checks it again), so the layers of a model that share one ``cu_seqlens`` sync once
+    per forward, not once per layer. The detailed message is only computed on failure.
     """
     if not _value_checks_enabled(offsets):
-        return
-    o = offsets.long()
-    lengths = o[1:] - o[:-1]
-    longest = lengths.max() if lengths.numel() else o.new_zeros(())
-    first, last, n_bad, longest = torch.stack([o[0], o[-1], (lengths < 0).sum(), longest]).tolist()
-    if first != 0:
-        raise ValueError(f"{name}[0] must be 0, got {first}")
-    if n_bad:
-        i = int(torch.nonzero(o[1:] < o[:-1])[0])
-        raise ValueError(f"{name} must be non-decreasing, got "
-                         f"{name}[{i}]={int(o[i])} > {name}[{i + 1}]={int(o[i + 1])}")
-    if last != total:
-        raise ValueError(f"{name}[-1] must equal {total_name}={total}, got {last}")
+        return None
+    version = None if offsets.is_inference() else offsets._version  # inference tensors keep no version counter
+    passed = getattr(offsets, "_mdus_offsets_passed", None)
+    if version is not None and passed is not None and passed[:2] == (version, total):
+        longest = passed[2]
+    else:
+        o = offsets.long()
+        lengths = o[1:] - o[:-1]
+        longest = lengths.max() if lengths.numel() else o.new_zeros(())
+        first, last, n_bad, longest = torch.stack([o[0], o[-1], (lengths < 0).sum(), longest]).tolist()
+        if first != 0:
+            raise ValueError(f"{name}[0] must be 0, got {first}")
+        if n_bad:
+            i = int(torch.nonzero(o[1:] < o[:-1])[0])
+            raise ValueError(f"{name} must be non-decreasing, got "
+                             f"{name}[{i}]={int(o[i])} > {name}[{i + 1}]={int(o[i + 1])}")
+        if last != total:
+            raise ValueError(f"{name}[-1] must equal {total_name}={total}, got {last}")
+        if version is not None:
+            offsets._mdus_offsets_passed = (version, total, longest)
     if max_len is not None and longest > max_len:
         raise ValueError(f"{max_len_name}={max_len} is smaller than the longest sequence in {name} ({longest})")
+    return longest
+
+
+def longest_segment(offsets: torch.Tensor, name: str, total: int, total_name: str) -> int:
+    """The longest segment of valid ``offsets`` (checked as by ``check_offsets_values``, in the same sync)."""
+    longest = check_offsets_values(offsets, name, total, total_name)
+    if longest is None:  # checks off
+        longest = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
+    return longest

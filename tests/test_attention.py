@@ -351,3 +351,22 @@ def test_bad_inputs():
         mk.attention(q, k, v, cu_seqlens=cu, max_seqlen=-1)
     with pytest.raises(ValueError, match="same batch size"):
         mk.attention(q.view(2, 5, 4, 16), k.view(1, 10, 2, 16), v.view(1, 10, 2, 16))
+
+
+def test_checked_offsets_are_remembered_until_changed():
+    """A cu_seqlens that passed is not read again (the layers of a model share one: one sync per forward), an
+    in-place change is checked again, and a remembered tensor still meets every call's own max_seqlen."""
+    q, k, v = _inputs(10, 10, 4, 2, 16, torch.float32, 0)
+    cu = _cu([4, 6])
+    expect = mk.attention(q, k, v, cu_seqlens=cu)
+    cu.data[1] = 7  # behind the version counter's back, so not noticed: a re-read would find 7 > max_seqlen 6
+    mk.attention(q, k, v, cu_seqlens=cu, max_seqlen=6)
+    with pytest.raises(ValueError, match=r"max_seqlen_q=5 is smaller than the longest sequence in cu_seqlens_q \(6\)"):
+        mk.attention(q, k, v, cu_seqlens=cu, max_seqlen=5)
+    cu[1] = 12  # a tracked in-place change: checked again
+    with pytest.raises(ValueError, match="non-decreasing"):
+        mk.attention(q, k, v, cu_seqlens=cu)
+    cu[1] = 3
+    out = mk.attention(q, k, v, cu_seqlens=cu)
+    assert not torch.allclose(out, expect)
+    torch.testing.assert_close(out, mk.attention(q, k, v, cu_seqlens=_cu([3, 7])), rtol=0, atol=0)

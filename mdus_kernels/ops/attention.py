@@ -31,7 +31,7 @@ import math
 import torch
 
 from mdus_kernels import _backend
-from mdus_kernels._checks import check_offsets, check_offsets_values, check_tensor
+from mdus_kernels._checks import check_offsets, check_offsets_values, check_tensor, longest_segment
 from mdus_kernels.reference import attention as ref
 
 # float64 is for gradcheck on the CPU and reference paths; the Triton kernels take the other three.
@@ -651,9 +651,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens=N
             raise ValueError(f"the query and key cu_seqlens must have the same length, got {cu_q.shape[0]} and "
                              f"{cu_k.shape[0]}")
         batch = cu_q.shape[0] - 1
-        if max_seqlen is None:
-            max_q = int((cu_q[1:] - cu_q[:-1]).max()) if batch else 0
-            max_k = max_q if cu_k is cu_q else (int((cu_k[1:] - cu_k[:-1]).max()) if batch else 0)
+        if max_seqlen is None:  # the sync that finds it also checks the offsets (the op then finds them checked)
+            max_q = longest_segment(cu_q, "cu_seqlens_q", q.shape[0], "q.shape[0]")
+            max_k = max_q if cu_k is cu_q else longest_segment(cu_k, "cu_seqlens_k", k.shape[0], "k.shape[0]")
         else:
             max_q, max_k = _as_pair(max_seqlen, "max_seqlen")
             for m in (max_q, max_k):
