@@ -227,8 +227,9 @@ class EBranchformerBlock(nn.Module):
 
     def _cached_convs(self, cache, x, a, gate, cu, valid):
         """(c, merge DWConv(c)) for the new rows of incremental decoding. A KV cache holds no conv inputs, so the
-        block keeps, on the cache object, the last k_cgmlp - 1 branch inputs (with their speech flags) and the last
-        k_merge - 1 rows of c: the new rows depend on nothing older, so they equal a full recomputation."""
+        block keeps, in its cache slot (``ConvStateLayer``), the last k_cgmlp - 1 branch inputs (with their speech
+        flags) and the last k_merge - 1 rows of c: the new rows depend on nothing older, so they equal a full
+        recomputation."""
         if not self.causal:
             raise NotImplementedError("cached decoding needs causal convs (EBranchformerBlock(causal=True))")
         if cu is not None or valid is not None:
