@@ -1,8 +1,8 @@
 """Runs every ``benchmarks/bench_*.py`` in turn with the same ``--device``, ``--out`` and ``--quick``.
 
-This is the project's main job until a demo exists: with defaults it must finish on a fresh 2-core CPU machine in
-about 25 minutes (patch_pool and the loss ~12, cgmlp ~7, the train step ~4, attention ~1). A failing benchmark
-does not stop the others; the exit status is non-zero if any failed.
+``python -m mdus bench`` runs it. With defaults it must finish on a fresh 2-core CPU machine in about 25 minutes
+(patch_pool and the loss ~12, cgmlp ~7, the train step ~4, attention ~1). A failing benchmark does not stop the
+others; the exit status is non-zero if any failed.
 
     python benchmarks/run_all.py [--device cpu|cuda] [--out benchmarks/results] [--quick] [--only patch_pool]
 """

@@ -2,8 +2,8 @@
 
 Each command lives in the module of its capability and is registered in ``COMMANDS`` as ``name: (add_arguments,
 run)``: ``add_arguments(parser)`` fills the command's argparse parser (sub-actions included) and ``run(args)``
-returns the exit status; the first line of ``run``'s docstring is the command's help. To add ``train``, ``eval``,
-``demo`` or ``bench``, define the pair in its module and add one line here.
+returns the exit status; the first line of ``run``'s docstring is the command's help. To add a command, define the
+pair in its module and add one line here.
 """
 
 from __future__ import annotations

@@ -209,8 +209,8 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 autocast speeds training up on ``device``: on CUDA, and on CPUs with native bf16 arithmetic
     (AVX512-BF16 or AMX), where oneDNN's bf16 GEMMs run ~2.8x faster than fp32 ones (measured on a 2-core Zen 4:
-    375 vs 136 GFLOP/s at 1024 x 576 x 1536), so an up-scaled SmolLM2 step takes 3.0 s instead of 5.5 s. Other CPUs
-    emulate bf16 and would be slower."""
+    375 vs 136 GFLOP/s at 1024 x 576 x 1536), so a 1024-token up-scaled SmolLM2 step takes 3.97 s instead of 4.94 s
+    (``benchmarks/bench_upscale.py --tokens 1024``). Other CPUs emulate bf16 and would be slower."""
     return device.type == "cuda" or (device.type == "cpu" and _cpu_has_native_bf16())
 
 
@@ -654,7 +654,7 @@ def add_arguments(p) -> None:
     p.add_argument("--budget-minutes", type=float, default=None)
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt, bit-exactly (with the same settings; only --eval-every, "
-                        "--save-every and --budget-minutes may change)")
+                        "--save-every, --budget-minutes and --no-progress may change)")
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")

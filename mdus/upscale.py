@@ -484,8 +484,9 @@ def upscale(model: nn.Module, *, n_insert: int | None = None, placement: str | l
             ``speech_vocab_size`` is 1, the placeholder id (see ``SpeechLM``).
 
     Example:
-        >>> lm = upscale(AutoModelForCausalLM.from_pretrained(path), block="ebranchformer", speech_vocab_size=5000)
-        >>> print(describe(lm))
+        >>> lm = upscale(AutoModelForCausalLM.from_pretrained(path), block="ebranchformer",  # doctest: +SKIP
+        ...              speech_vocab_size=5000)
+        >>> print(describe(lm))                                                            # doctest: +SKIP
     """
     positions = insertion_positions(len(model.get_decoder().layers), n_insert, placement)
     config = SpeechLMConfig(method="dus", positions=positions, block=block, block_config=dict(block_config or {}),

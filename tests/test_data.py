@@ -241,6 +241,11 @@ def test_synth_from_text_files_and_cli(tmp_path, capsys):
     assert "duration mismatches (> 0.05 s): 0" in out
     assert main(["data", "synth", "--out", str(tmp_path / "d"), "--n-train", "1", "--voices", "flite:nosuch",
                  "--no-progress"]) == 2
+    capsys.readouterr()
+    assert main(["data", "synth", "--list-voices"]) == 0  # alone: no --out or --n-train needed
+    assert "flite:slt" in capsys.readouterr().out.split()
+    assert main(["data", "synth", "--n-train", "3"]) == 2
+    assert "--out required" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------- readers

@@ -14,8 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        description="Synthesize English sentences (Debian fortunes, or --text-file) with espeak-ng and "
                                    "flite voices into 16 kHz wavs and JSONL manifests; dev/test voices and sentences "
                                    "are held out of train.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n-train", type=int, required=True, help="train utterances")
+    p.add_argument("--out", help="output folder (required, except with --list-voices)")
+    p.add_argument("--n-train", type=int, help="train utterances (required, except with --list-voices)")
     p.add_argument("--n-dev", type=int, default=0, help="dev utterances (held-out voices and sentences)")
     p.add_argument("--n-test", type=int, default=0, help="test utterances (held-out voices and sentences)")
     p.add_argument("--seed", type=int, default=0)
@@ -60,6 +60,10 @@ def _synth(args) -> int:
     if args.list_voices:
         print("\n".join(available_voices()))
         return 0
+    missing = [flag for flag, value in (("--out", args.out), ("--n-train", args.n_train)) if value is None]
+    if missing:
+        print(f"mdus data synth: {' and '.join(missing)} required")
+        return 2
     voices = [v.strip() for v in args.voices.split(",") if v.strip()] if args.voices else None
     try:
         manifests = synthesize(args.out, n_train=args.n_train, n_dev=args.n_dev, n_test=args.n_test, seed=args.seed,

@@ -231,7 +231,7 @@ def collapse_posteriors(probs: torch.Tensor) -> torch.Tensor:
     Example:
         >>> p = torch.tensor([[.1, .8, .1], [.2, .7, .1], [.9, .05, .05], [.1, .1, .8]])
         >>> collapse_posteriors(p)
-        tensor([[0.8333, 0.1667],
+        tensor([[0.8824, 0.1176],
                 [0.1111, 0.8889]])
     """
     if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or probs.shape[1] < 2 or probs.shape[0] == 0:

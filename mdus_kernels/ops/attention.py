@@ -593,10 +593,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens=N
     """Attention over packed (varlen) or padded sequences, with GQA, causal / prefix-LM / full masks.
 
     Args:
-        q: packed ``(total_q, Hq, D)`` or padded ``(B, Sq, Hq, D)``; float16, bfloat16 or float32.
+        q: packed ``(total_q, Hq, D)`` or padded ``(B, Sq, Hq, D)``; float16, bfloat16 or float32 (float64 on
+            the CPU and reference backends, for gradcheck).
         k, v: packed ``(total_k, Hkv, D)`` or padded ``(B, Sk, Hkv, D)``, same dtype and device; ``Hq`` must be a
             multiple of ``Hkv`` (GQA / MQA, never expanded in memory). D from 1 to 256.
-        cu_seqlens: ``(B + 1,)`` int32 cumulative sequence lengths for the packed layout (``None`` for padded),
+        cu_seqlens: ``(B + 1,)`` int32 or int64 cumulative sequence lengths for the packed layout (``None`` for padded),
             or a ``(cu_seqlens_q, cu_seqlens_k)`` pair when queries and keys differ in length (a KV cache).
         max_seqlen: the longest sequence as a Python int (or a (q, k) pair); computed from ``cu_seqlens`` (one
             device sync) when omitted. A value below the longest sequence raises (it would size the GPU grid).

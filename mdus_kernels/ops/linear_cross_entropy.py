@@ -563,7 +563,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight, labels: torch.Tensor, *, 
             e.g. False to skip the head's weight gradient (the largest GEMM) for a frozen head.
 
     Returns:
-        The fp32 loss: a scalar, or (N,) for ``reduction="none"``.
+        The fp32 loss (fp64 for fp64 inputs): a scalar, or (N,) for ``reduction="none"``.
 
     Example:
         >>> hidden, head = torch.randn(6, 8, requires_grad=True), torch.randn(20, 8)

@@ -223,7 +223,7 @@ def patch_pool(x: torch.Tensor, offsets: torch.Tensor, reduce: str = "mean") -> 
         x: (N, D) float16/bfloat16/float32/float64 token states, packed.
         offsets: (P + 1,) int32/int64 patch boundaries on ``x``'s device: ``offsets[0] == 0``,
             ``offsets[-1] == N``, non-decreasing. Patch ``p`` is ``x[offsets[p]:offsets[p + 1]]``.
-        reduce: ``"mean"``, ``"max"``, ``"min"`` or ``"sum"``, accumulated in fp32.
+        reduce: ``"mean"``, ``"max"``, ``"min"`` or ``"sum"``, accumulated in fp32 (fp64 for fp64 inputs).
 
     An empty patch gives 0 (and passes no gradient). For max/min the gradient goes to the first arg-extreme
     token, deterministically. Differentiable with respect to ``x``.
