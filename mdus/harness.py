@@ -124,19 +124,28 @@ class SpeechLMAdapter:
         gen_kwargs = dict(gen_kwargs or {})
         until = gen_kwargs.get("until") or []
         until = [u for u in ([until] if isinstance(until, str) else until) if u]
-        max_new = int(gen_kwargs.get("max_gen_toks") or DEFAULT_MAX_GEN_TOKS)
+        max_new = gen_kwargs.get("max_gen_toks")
+        max_new = DEFAULT_MAX_GEN_TOKS if max_new is None else int(max_new)
+        if max_new < 0:
+            raise ValueError(f"generate_until: max_gen_toks must be >= 0, got {max_new}")
+        if max_new == 0:
+            return ""
         ids = self._encode(context) if context else self._prefix()
         ids = ids[-max(1, self.max_length - max_new):]
 
+        # As lm-eval's stopping criteria, the stop strings are looked for in the text with its special tokens, so
+        # that one such as "<|im_end|>" stops too; the answer is cut there and then loses its special tokens.
         def stop(new: list[int]) -> bool:
-            text = self.tokenizer.decode(new, skip_special_tokens=True)
+            text = self.tokenizer.decode(new)
             return any(u in text for u in until)
 
         new = greedy_decode(self.lm, torch.tensor(ids, device=self.device), max_new_tokens=max_new,
                             eos=self.eot_token_id, allowed_vocab=self.vocab, stop=stop if until else None)
-        text = self.tokenizer.decode(new.tolist(), skip_special_tokens=True)
+        text = self.tokenizer.decode(new.tolist())
         for u in until:
             text = text.split(u, 1)[0]
+        for special in sorted(self.tokenizer.all_special_tokens, key=len, reverse=True):
+            text = text.replace(special, "")
         return text
 
 

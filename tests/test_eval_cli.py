@@ -310,6 +310,26 @@ def test_lm_eval_adapter(monkeypatch, capsys):
     assert calls["generate_until"] == [decoded(6).split("e", 1)[0], decoded(4)]
 
 
+def test_generate_until_stops_on_a_special_token_string():
+    """A stop string that is a special token (``<|im_end|>`` where eos is another) stops generation and cuts the
+    answer as lm-eval's stopping criteria do, though special tokens never show in the answer's text."""
+    lm, _ = upscaled(perturb=0.3)
+    tok = copy.deepcopy(TOK)
+    prompt = torch.tensor(TOK("Once", add_special_tokens=False).input_ids)
+    new = E.greedy_decode(lm, prompt, max_new_tokens=4, allowed_vocab=V).tolist()
+    marker = tok.convert_ids_to_tokens(new[1])  # the second generated token, registered as a special one
+    tok.add_special_tokens({"additional_special_tokens": [marker]})
+    assert tok.convert_tokens_to_ids(marker) == new[1] and len(tok) == V
+    adapter = harness.SpeechLMAdapter(lm, tok, device="cpu")
+    gen = lambda kwargs: adapter.generate_until([FakeInstance(("Once", kwargs))], disable_tqdm=True)[0]  # noqa: E731
+    assert gen({"until": [marker], "max_gen_toks": 4}) == tok.decode(new[:1])
+    kept = [t for t in new if t != new[1]]  # no stop string: the special token is left out of the text
+    assert gen({"max_gen_toks": 4}) == tok.decode(kept) and marker not in gen({"max_gen_toks": 4})
+    assert gen({"until": [marker], "max_gen_toks": 0}) == ""
+    with pytest.raises(ValueError, match="max_gen_toks must be >= 0"):
+        gen({"max_gen_toks": -1})
+
+
 def test_lm_eval_rolling_windows(monkeypatch):
     """Longer than the context: lm-eval's documented windows (tokens 0..9, context 4: (eos,0,1,2) -> 0..3,
     (3,4,5,6) -> 4..7, (5,6,7,8) -> 8,9), each token scored once."""
