@@ -399,9 +399,11 @@ def test_ssl_features_match_hidden_states(tiny_ssl, name):
         by_path(torch.randn(300))
 
 
-def test_ssl_kmeans_round_trip(tiny_ssl, tmp_path):
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_ssl_kmeans_round_trip(tiny_ssl, tmp_path, dtype):
     tok = build_tokenizer("ssl_kmeans", model_name_or_path=str(tiny_ssl["hubert"]), layer=1, n_units=4,
-                          frame_rate=25, dedup=False, seed=0)
+                          frame_rate=25, dedup=False, seed=0, dtype=dtype)
+    assert tok.features.model.dtype == (dtype or torch.float32)
     assert tok.pooling == "mean" and tok.dim == 32
     tok.fit([_speechlike(0.5, seed=s).float() for s in range(3)])
     probe = _speechlike(0.5, seed=7).float()
@@ -410,6 +412,7 @@ def test_ssl_kmeans_round_trip(tiny_ssl, tmp_path):
     tok.save(tmp_path / "ssl_tok")
     loaded = load_tokenizer(tmp_path / "ssl_tok")
     assert loaded.config() == tok.config() and loaded.features.layer == 1
+    assert loaded.features.model.dtype == tok.features.model.dtype  # the model runs as it was fitted
     assert torch.equal(loaded.kmeans.centroids, tok.kmeans.centroids)
     assert torch.equal(loaded.encode(probe), units)
 

@@ -57,6 +57,8 @@ class SSLFeatures(nn.Module):
             from transformers import AutoModel
 
             name = str(model_name_or_path)
+            if isinstance(dtype, str):  # as config() saves it
+                dtype = getattr(torch, dtype)
             model = AutoModel.from_pretrained(name, dtype=dtype or torch.float32)
         config = model.config
         encoder = getattr(model, "encoder", None)
@@ -120,7 +122,8 @@ class SSLFeatures(nn.Module):
                              "could not reload it: save_pretrained the model and pass its directory")
         name = str(Path(self.name).resolve()) if Path(self.name).is_dir() else self.name
         return {"type": "ssl", "model_name_or_path": name, "layer": self.layer,
-                "normalize_wave": self.normalize_wave, "sample_rate": self.sample_rate}
+                "normalize_wave": self.normalize_wave, "sample_rate": self.sample_rate,
+                "dtype": str(self.model.dtype).removeprefix("torch.")}
 
     @torch.no_grad()
     def forward(self, wave) -> torch.Tensor:
