@@ -173,6 +173,8 @@ def logmel(wave, sample_rate: int = 16000, n_mels: int = 80, frame_length_ms: fl
 class LogMel(nn.Module):
     """``logmel`` as a parameter-free module with its settings stored, and the feature-extractor interface the
     k-means tokenizer uses: ``dim`` (n_mels), ``frame_rate`` (frames per second), ``sample_rate``, ``config()``.
+    With ``dither``, the noise comes from a generator seeded afresh at every call unless one is passed, so a
+    wave always gives the same features (and a tokenizer the same units), as a feature extractor must.
 
     Example:
         >>> LogMel(n_mels=40)(torch.randn(8000)).shape
@@ -211,6 +213,8 @@ class LogMel(nn.Module):
         return {"type": "logmel", **self.kwargs}
 
     def forward(self, wave, generator: torch.Generator | None = None) -> torch.Tensor:
+        if generator is None and self.kwargs["dither"] > 0.0:
+            generator = torch.Generator().manual_seed(0)
         return logmel(wave, generator=generator, **self.kwargs)
 
     def extra_repr(self) -> str:
