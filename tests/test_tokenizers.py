@@ -466,6 +466,22 @@ def test_unit_files_valid(tmp_path):
     assert isinstance(loaded, UnitFileTokenizer) and loaded.config() == tok.config()
 
 
+def test_unit_file_root_survives_the_working_directory_and_a_move(tmp_path, monkeypatch):
+    """A relative ``root`` is taken from the working directory when given, and saved so that the tokenizer reloads
+    from anywhere; units kept inside the tokenizer's folder move with it."""
+    (tmp_path / "run" / "units").mkdir(parents=True)
+    (tmp_path / "run" / "units" / "u.txt").write_text("3 1 4\n")
+    monkeypatch.chdir(tmp_path)
+    UnitFileTokenizer(5, root="run/units").save("run")
+    monkeypatch.chdir(tmp_path / "run" / "units")  # elsewhere
+    assert load_tokenizer(tmp_path / "run").encode("u.txt").tolist() == [3, 1, 4]
+    (tmp_path / "run").rename(tmp_path / "moved")
+    assert load_tokenizer(tmp_path / "moved").encode("u.txt").tolist() == [3, 1, 4]
+    outside = UnitFileTokenizer(5, root=tmp_path / "moved" / "units")
+    outside.save(tmp_path / "elsewhere")  # units outside the folder: stored absolute
+    assert load_tokenizer(tmp_path / "elsewhere").root == (tmp_path / "moved" / "units").resolve()
+
+
 @pytest.mark.parametrize("content, words", [
     (np.array([1, 10, 2]), ["unit 10 at position 1", "0..9"]),
     (np.array([1, -1]), ["unit -1 at position 1"]),

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdus.speech._common import dedup, read_config, write_config
+from mdus.speech._common import dedup, portable_path, read_config, write_config
 
 TORCH_SUFFIXES = (".pt", ".pth")
 
@@ -158,13 +158,18 @@ class UnitFileTokenizer:
                 "root": None if self.root is None else str(self.root), "dedup": self.dedup}
 
     def save(self, path) -> Path:
-        """Write ``tokenizer.json`` (there are no tensors) into the directory ``path``."""
-        return write_config(path, self.config())
+        """Write ``tokenizer.json`` (there are no tensors) into the directory ``path``; ``root`` is stored relative
+        to ``path`` when it lies inside it, else absolute, so the saved tokenizer works from any directory."""
+        config = self.config()
+        if self.root is not None:
+            config["root"] = portable_path(self.root, path)
+        return write_config(path, config)
 
     @classmethod
     def load(cls, path, device=None) -> UnitFileTokenizer:
         config = read_config(path, cls.kind)
-        return cls(config["vocab_size"], frame_rate=config["frame_rate"], field=config["field"], root=config["root"],
+        root = None if config["root"] is None else Path(path) / config["root"]  # an absolute root stays as it is
+        return cls(config["vocab_size"], frame_rate=config["frame_rate"], field=config["field"], root=root,
                    dedup=config["dedup"])
 
     def __repr__(self) -> str:
