@@ -120,6 +120,9 @@ def test_errors(tone_corpus):
         CTCEncoder("ab", dim=30, heads=4)
     with pytest.raises(ValueError, match="fewer than one"):
         CTCEncoder("ab", dim=8, heads=2)(torch.randn(100))
+    # The bad wave is named by its place in the caller's list, utterances without a transcript counted.
+    with pytest.raises(ValueError, match=r"waves\[2\]: wave has 100 samples, fewer than one"):
+        fit_ctc_encoder([waves[0], waves[1], torch.randn(100)], ["", texts[1], "a b"], epochs=1, progress=False)
 
 
 def _collapse_loop(probs):

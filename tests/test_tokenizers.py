@@ -157,6 +157,18 @@ def test_logmel_batched_module_and_frame_count():
     assert logmel(np.asarray(waves[0])).shape == (98, 80)  # numpy audio is accepted as is
 
 
+@pytest.mark.parametrize("n", [80, 101, 139, 250, 399, 401])
+def test_logmel_short_audio_without_snipped_edges(n):
+    """Audio shorter than a frame is mirrored again and again, as Kaldi does, down to the one frame that half a
+    frame shift gives."""
+    wave = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    expected = _kaldi_fbank_numpy(wave.numpy(), snip_edges=False)
+    assert expected.shape[0] == num_frames(n, snip_edges=False) >= 1
+    np.testing.assert_allclose(logmel(wave, snip_edges=False).numpy(), expected, atol=1e-7, rtol=0)
+    with pytest.raises(ValueError, match="79 samples, fewer than half a 10.0 ms frame shift.*80 samples at 16000"):
+        logmel(wave[:79], snip_edges=False)
+
+
 def test_logmel_dither_is_seeded():
     wave = _speechlike(0.5).float()
     a = logmel(wave, dither=1e-3, generator=torch.Generator().manual_seed(3))
@@ -363,6 +375,11 @@ def test_kmeans_tokenizer_errors():
         tok.fit([torch.randn(800)])
     with pytest.raises(ValueError, match=r"data\[1\]"):
         tok.fit([torch.randn(SR), torch.zeros(SR, dtype=torch.int32)])
+    with pytest.raises(ValueError, match=r"data\[2\]: wave has 300 samples, fewer than one 25.0 ms frame"):
+        tok.fit([torch.randn(SR), torch.randn(SR), torch.randn(300)])
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"n_units must be an int >= 1, got {bad}"):
+            KMeansTokenizer(n_units=bad)
     with pytest.raises(ValueError, match="features"):
         tok.fit([torch.randn(20, 40)])  # 40-dim features for an 80-mel tokenizer
     with pytest.raises(ValueError, match="data is empty"):

@@ -8,6 +8,7 @@ the JSON and hands the directory to the right class.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,16 @@ def check_wave(wave, name: str = "wave", *, batched: bool = True) -> torch.Tenso
     if not bool(torch.isfinite(wave).all()):
         raise ValueError(f"{name} contains NaN or infinite samples")
     return wave
+
+
+@contextmanager
+def naming(name: str):
+    """Prefixes a ValueError raised inside with ``name``: which item of a list a feature extractor's complaint
+    (a wave too short for one frame, ...) is about."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
 
 
 def check_sample_rate(sample_rate, expected: int, name: str = "sample_rate") -> None:

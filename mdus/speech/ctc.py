@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mdus.evaluate import normalize_text
-from mdus.speech._common import check_sample_rate, check_wave, portable_path, read_config, write_config
+from mdus.speech._common import check_sample_rate, check_wave, naming, portable_path, read_config, write_config
 from mdus.speech.logmel import LogMel
 from mdus.speech.subsampler import ConvSubsampler
 
@@ -165,20 +165,23 @@ def fit_ctc_encoder(waves: Sequence, texts: Sequence[str], *, dim: int = 192, la
     if len(waves) != len(texts):
         raise ValueError(f"waves and texts differ in length: {len(waves)} != {len(texts)}")
     norm = [normalize_text(t) for t in texts]
-    pairs = [(w, t) for w, t in zip(waves, norm, strict=True) if t]
+    pairs = [(f"waves[{i}]", w, t) for i, (w, t) in enumerate(zip(waves, norm, strict=True)) if t]
     if not pairs:
         raise ValueError("no utterance has a non-empty transcript: there is nothing to train the encoder on")
     torch.manual_seed(seed)
-    enc = CTCEncoder("".join(sorted({c for _, t in pairs for c in t})), dim=dim, layers=layers, heads=heads,
+    enc = CTCEncoder("".join(sorted({c for _, _, t in pairs for c in t})), dim=dim, layers=layers, heads=heads,
                      stride=stride)
-    frames = [enc.mel(check_wave(w, f"waves[{i}]", batched=False)).float() for i, (w, _) in enumerate(pairs)]
+    frames = []
+    for name, w, _ in pairs:
+        with naming(name):
+            frames.append(enc.mel(check_wave(w, name, batched=False)).float())
     stacked = torch.cat(frames).double()
     enc.mean.copy_(stacked.mean(0).float())
     enc.std.copy_(stacked.std(0).clamp_min(1e-5).float())
     feats = [(f - enc.mean) / enc.std for f in frames]
     enc.to(device or "cpu")
     index = {c: i + 1 for i, c in enumerate(enc.alphabet)}
-    labels = [torch.tensor([index[c] for c in t]) for _, t in pairs]
+    labels = [torch.tensor([index[c] for c in t]) for _, _, t in pairs]
 
     opt = torch.optim.AdamW(enc.parameters(), lr=lr, weight_decay=0.01)
     per_epoch = math.ceil(len(pairs) / batch_size)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdus.speech._common import TENSORS_NAME, check_sample_rate, check_wave, read_config, write_config
+from mdus.speech._common import TENSORS_NAME, check_sample_rate, check_wave, naming, read_config, write_config
 from mdus.speech.logmel import LogMel
 
 
@@ -74,7 +74,8 @@ class LogMelFrontEnd:
         """Per-bin mean and standard deviation of the log-mel frames of ``data`` (an iterable of waves)."""
         total, total_sq, count = None, None, 0
         for i, wave in enumerate(data):
-            frames = self.features(check_wave(wave, f"data[{i}]", batched=False)).double()
+            with naming(f"data[{i}]"):
+                frames = self.features(check_wave(wave, f"data[{i}]", batched=False)).double()
             total = frames.sum(0) if total is None else total + frames.sum(0)
             total_sq = frames.square().sum(0) if total_sq is None else total_sq + frames.square().sum(0)
             count += frames.shape[0]

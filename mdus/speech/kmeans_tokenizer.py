@@ -31,6 +31,7 @@ from mdus.speech._common import (
     check_sample_rate,
     check_wave,
     dedup,
+    naming,
     portable_path,
     read_config,
     write_config,
@@ -105,6 +106,8 @@ class KMeansTokenizer:
                  normalize: str = "global", dedup: bool = True, seed: int = 0, max_iter: int = 100,
                  tol: float = 1e-4, n_init: int = 1, init_size: int | None = None,
                  max_fit_frames: int | None = None):
+        if isinstance(n_units, bool) or int(n_units) != n_units or n_units < 1:
+            raise ValueError(f"n_units must be an int >= 1, got {n_units!r}")
         self.features = LogMel() if features is None else features
         for attr in ("dim", "frame_rate", "sample_rate", "config"):
             if not hasattr(self.features, attr):
@@ -164,7 +167,7 @@ class KMeansTokenizer:
                                  f"{self.features.dim}), got {tuple(item.shape)} {item.dtype}")
             return item
         wave = check_wave(item, name, batched=False)
-        with torch.no_grad():
+        with torch.no_grad(), naming(name):
             return self.features(wave)
 
     def _pooled(self, native: torch.Tensor) -> torch.Tensor:

@@ -132,8 +132,10 @@ def logmel(wave, sample_rate: int = 16000, n_mels: int = 80, frame_length_ms: fl
     n_samples = wave.shape[-1]
     n_frames = num_frames(n_samples, sample_rate, frame_length_ms, frame_shift_ms, snip_edges)
     if n_frames == 0:
-        raise ValueError(f"wave has {n_samples} samples, fewer than one {frame_length_ms} ms frame "
-                         f"({length} samples at {sample_rate} Hz)")
+        need = (f"one {frame_length_ms} ms frame ({length} samples" if snip_edges else
+                f"half a {frame_shift_ms} ms frame shift, what snip_edges=False needs for one frame "
+                f"({shift - shift // 2} samples")
+        raise ValueError(f"wave has {n_samples} samples, fewer than {need} at {sample_rate} Hz)")
     if not 0.0 <= preemphasis <= 1.0:
         raise ValueError(f"preemphasis must be in [0, 1], got {preemphasis}")
     if dither < 0.0:
@@ -143,13 +145,11 @@ def logmel(wave, sample_rate: int = 16000, n_mels: int = 80, frame_length_ms: fl
         frames = wave.unfold(-1, length, shift)[..., :n_frames, :]
     else:
         # Kaldi centres frame f on sample f * shift + shift / 2 and mirrors indices that fall outside the audio
-        # (-1 -> 0, -2 -> 1, ..., T -> T - 1); one gather builds every frame at once.
+        # (-1 -> 0, -2 -> 1, ..., T -> T - 1), again and again for audio shorter than a frame: a mirror image
+        # with period 2T. One gather builds every frame at once.
         start = torch.arange(n_frames, device=wave.device) * shift + shift // 2 - length // 2
-        idx = start[:, None] + torch.arange(length, device=wave.device)
-        idx = torch.where(idx < 0, -idx - 1, idx)
+        idx = torch.remainder(start[:, None] + torch.arange(length, device=wave.device), 2 * n_samples)
         idx = torch.where(idx >= n_samples, 2 * n_samples - 1 - idx, idx)
-        if bool((idx < 0).any()) or bool((idx >= n_samples).any()):
-            raise ValueError(f"wave has {n_samples} samples, too few to mirror a {length}-sample frame around")
         frames = wave[..., idx]
 
     if dither > 0.0:
