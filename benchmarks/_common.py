@@ -36,6 +36,13 @@ if importlib.util.find_spec("mdus_kernels") is None:
 QUANTILES = (0.2, 0.5, 0.8)
 CPU_CASE_BUDGET_S = 3.0  # upper bound on the timed part of one CPU case (warmup excluded)
 
+# The compiled baselines (flex_attention, the cgMLP's torch.compile) recompile for every shape of a sweep. Past
+# dynamo's default limit of 8 they would silently run uncompiled, and that slower code would be timed as the
+# baseline: raise the limit, and make a hit an error (the case is then recorded as skipped, not mis-timed).
+torch._dynamo.config.recompile_limit = 256
+torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+
 
 # ----------------------------------------------------------------------------------------------------- devices
 
@@ -139,7 +146,8 @@ def timeit(fn: Callable[[], object], *, device: torch.device | str, warmup: int 
     """Milliseconds per call of ``fn`` as ``{"p20", "p50", "p80"}``.
 
     * CUDA: ``triton.testing.do_bench`` (it flushes L2 between calls and times with CUDA events); ``warmup`` and
-      ``rep`` are its **millisecond** budgets (default 25 and 100).
+      ``rep`` are its **millisecond** budgets (default 25, and 100 or what 10 calls take, up to 2 s: do_bench
+      times ``rep / (one call)`` calls, so a slow call would otherwise give one or two samples).
     * CPU: ``warmup`` calls (default 2; just one when a call is slow), then up to ``rep`` individually timed calls
       (default 20), ``rep`` lowered so that the timed calls take about ``budget_s`` at most. A call slower than
       ``budget_s`` is timed once, so its p20/p50/p80 coincide: the budget bounds a default CPU run's length.
@@ -148,8 +156,14 @@ def timeit(fn: Callable[[], object], *, device: torch.device | str, warmup: int 
     if device.type == "cuda":
         import triton.testing
 
-        ms = triton.testing.do_bench(fn, warmup=25 if warmup is None else warmup, rep=100 if rep is None else rep,
-                                     quantiles=list(QUANTILES))
+        if rep is None:
+            fn()  # one-off costs (compilation, autotuning) outside the estimate
+            synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            synchronize(device)
+            rep = min(max(100.0, 10 * (time.perf_counter() - t0) * 1e3), 2000.0)
+        ms = triton.testing.do_bench(fn, warmup=25 if warmup is None else warmup, rep=rep, quantiles=list(QUANTILES))
         return dict(zip(("p20", "p50", "p80"), (float(v) for v in ms), strict=True))
     warmup = 2 if warmup is None else warmup
     rep = 20 if rep is None else rep

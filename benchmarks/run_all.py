@@ -4,7 +4,8 @@
 (patch_pool and the loss ~12, cgmlp ~7, the train step ~4, attention ~1). A failing benchmark does not stop the
 others; the exit status is non-zero if any failed.
 
-    python benchmarks/run_all.py [--device cpu|cuda] [--out benchmarks/results] [--quick] [--only patch_pool]
+    python benchmarks/run_all.py [--device cpu|cuda] [--out benchmarks/results] [--quick] [--only patch_pool ...]
+                                 [--timeout-each SECONDS]
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--out", type=Path, default=HERE / "results", help="folder for the CSVs and PNGs")
     p.add_argument("--quick", action="store_true", help="one tiny case per benchmark (smoke test)")
-    p.add_argument("--only", nargs="+", help="benchmark names to run, e.g. patch_pool (default: all)")
+    p.add_argument("--only", nargs="+", help="benchmark names to run, in this order, e.g. patch_pool (default: all, "
+                   "alphabetically)")
+    p.add_argument("--timeout-each", type=float, default=None,
+                   help="seconds one benchmark may run before it is stopped (the rows it wrote are kept)")
     args = p.parse_args(argv)
 
-    scripts = sorted(HERE.glob("bench_*.py"))
-    if args.only:
-        scripts = [s for s in scripts if s.stem.removeprefix("bench_") in args.only]
-    if not scripts:
-        print("no benchmarks to run", file=sys.stderr)
-        return 1
+    available = {s.stem.removeprefix("bench_"): s for s in sorted(HERE.glob("bench_*.py"))}
+    unknown = [name for name in args.only or [] if name not in available]
+    if unknown:
+        print(f"unknown benchmark(s) {', '.join(unknown)}; the benchmarks are {', '.join(available)}", file=sys.stderr)
+        return 2
+    scripts = [available[name] for name in args.only] if args.only else list(available.values())
     args.out.mkdir(parents=True, exist_ok=True)
     failed = []
     for script in scripts:
@@ -42,7 +46,10 @@ def main(argv=None) -> int:
             cmd.append("--quick")
         print(f"\n=== {script.name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.call(cmd, cwd=HERE.parent)  # each in its own process: one crash cannot take down the rest
+        try:  # each in its own process: one crash cannot take down the rest
+            rc = subprocess.run(cmd, cwd=HERE.parent, timeout=args.timeout_each).returncode
+        except subprocess.TimeoutExpired:
+            rc = f"timeout ({args.timeout_each:g} s; the cases measured before are in the CSV)"
         print(f"=== {script.name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
         if rc != 0:
             failed.append(script.name)
