@@ -155,7 +155,8 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     if not actual.numel():
         return 0.0
     scale = float(expected.abs().max().clamp(min=1e-30))
-    return float((actual.float() - expected.float()).abs().max()) / scale
+    err = float((actual.float() - expected.float()).abs().max()) / scale
+    return err if math.isfinite(err) else math.inf  # NaN would pass a `> tol` test
 
 
 # ----------------------------------------------------------------------------------------------------- running

@@ -17,12 +17,21 @@ Model: random weights in a SmolLM2 shape: 360M (32 layers, d=960, 15/5 heads) on
 Columns: ``tokens/s`` = tokens / ms_p50 * 1e3, ``peak_mem_MB`` (one step, beyond the model and optimizer state
 allocated before it), and for mdus rows ``speedup`` (baseline ms / mdus ms) and ``mem_vs_baseline``. Issue targets
 (GPU): speedup >= 1.5 and mem_vs_baseline <= 0.6.
+
+Check: both implementations start from the same weights (same seed), so their first step's loss (column ``loss``,
+before any update) must agree: a non-finite loss, or one more than 1e-3 (2e-2 with bf16) away from the baseline's
+relatively, is recorded as ``status=mismatch`` (still timed, so that no figure of a GPU run is lost, but given no
+speedup) and makes the script exit non-zero. With random weights every token's loss is ~log(V), so this catches
+broken numerics (NaN, inf, garbage), not subtler errors: the kernels' tests cover those. An implementation that
+raises (out of memory, anything) is recorded as ``status=skipped`` with the error in ``note``, and the sweep goes
+on. This benchmark draws no plot; its figures are the table and the CSV rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import sys
 import traceback
 from pathlib import Path
@@ -42,7 +51,7 @@ SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64),
 }
-TABLE = ("impl", "block", "shape", "tokens", "autocast", "ms_p50", "tokens/s", "peak_mem_MB", "speedup",
+TABLE = ("impl", "block", "shape", "tokens", "autocast", "loss", "ms_p50", "tokens/s", "peak_mem_MB", "speedup",
          "mem_vs_baseline", "status")
 
 
@@ -92,24 +101,53 @@ def make_step(lm, impl, tokens, seqs, speech_vocab, device, autocast: bool):
     return step
 
 
+def case_row(base, impl, block, shape, tokens, seqs, dtype, autocast) -> dict:
+    return dict(base, impl=impl, block=block, shape=shape, tokens=tokens, seqs=seqs,
+                autocast="bf16" if autocast else "none", dtype=str(dtype).removeprefix("torch."), status="ok", note="")
+
+
+def error_note(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}"[:200]
+
+
+def check_loss(loss: float, baseline_loss: float | None, rtol: float) -> tuple[bool, str]:
+    """The first step's loss: finite, and within ``rtol`` of the baseline's (the same weights) when it ran."""
+    if not math.isfinite(loss):
+        return False, f"first-step loss {loss}"
+    if baseline_loss is None:
+        return True, f"first-step loss {loss:.6g}"
+    rel = abs(loss - baseline_loss) / abs(baseline_loss)
+    return rel <= rtol, f"first-step loss {loss:.6g} vs baseline {baseline_loss:.6g}: rel diff {rel:.2g}"
+
+
 def run_case(shape, block, tokens, seqs, speech_vocab, dtype, device, timing, base, autocast=False):
     rows = []
+    rtol = 2e-2 if autocast or dtype != torch.float32 else 1e-3
+    baseline_loss = None
     for impl in ("baseline", "mdus"):
-        row = dict(base, impl=impl, block=block, shape=shape, tokens=tokens, seqs=seqs,
-                   autocast="bf16" if autocast else "none",
-                   dtype=str(dtype).removeprefix("torch."), status="ok", note="")
+        row = case_row(base, impl, block, shape, tokens, seqs, dtype, autocast)
+        note = ""
         try:
             lm = build(shape, block, speech_vocab, dtype, device, impl)
             step = make_step(lm, impl, tokens, seqs, speech_vocab, device, autocast)
-            step()  # allocates the optimizer state outside the measured peak
+            loss = step().item()  # from the initial weights; allocates the optimizer state outside the measured peak
+            ok, note = check_loss(loss, baseline_loss, rtol)
+            if impl == "baseline" and math.isfinite(loss):
+                baseline_loss = loss
+            if not ok:
+                print(f"MISMATCH {impl} {shape} block={block}: {note}", file=sys.stderr)
+                row["status"] = "mismatch"
             t = C.timeit(step, device=device, **timing)
             mem = C.peak_memory(step, device=device)
             rows.append(dict(row, ms_p20=t["p20"], ms_p50=t["p50"], ms_p80=t["p80"],
                              **{"tokens/s": tokens / t["p50"] * 1e3}, peak_mem_MB=mem / 1e6,
-                             trainable=mdus.count_trainable(lm)))
+                             trainable=mdus.count_trainable(lm), loss=loss, note=note))
         except Exception as exc:  # keep the other rows
             traceback.print_exc()
-            rows.append(dict(row, status="skipped", note=f"{type(exc).__name__}: {exc}"[:200]))
+            # A mismatch stays one (its loss kept in the note) when its timing then fails.
+            rows.append(dict(row, status="mismatch" if row["status"] == "mismatch" else "skipped",
+                             note="; ".join(filter(None, (note, error_note(exc))))))
         finally:
             lm = step = None
             gc.collect()
@@ -118,7 +156,8 @@ def run_case(shape, block, tokens, seqs, speech_vocab, dtype, device, timing, ba
     ok = {r["impl"]: r for r in rows if r["status"] == "ok"}
     if len(ok) == 2:
         ok["mdus"]["speedup"] = ok["baseline"]["ms_p50"] / ok["mdus"]["ms_p50"]
-        ok["mdus"]["mem_vs_baseline"] = ok["mdus"]["peak_mem_MB"] / ok["baseline"]["peak_mem_MB"]
+        base_mem = ok["baseline"]["peak_mem_MB"]
+        ok["mdus"]["mem_vs_baseline"] = ok["mdus"]["peak_mem_MB"] / base_mem if base_mem else math.nan
     return rows
 
 
@@ -154,7 +193,12 @@ def main(argv=None) -> int:
     all_rows = []
     for block in args.blocks:
         print(f"case {shape} block={block} tokens={tokens}", flush=True)
-        rows = run_case(shape, block, tokens, args.seqs, args.speech_vocab, dtype, device, timing, base, autocast)
+        try:
+            rows = run_case(shape, block, tokens, args.seqs, args.speech_vocab, dtype, device, timing, base, autocast)
+        except Exception as exc:  # whatever escapes run_case's own handling: keep the other cases
+            traceback.print_exc()
+            rows = [dict(case_row(base, impl, block, shape, tokens, args.seqs, dtype, autocast), status="skipped",
+                         note=f"case failed: {error_note(exc)}") for impl in ("baseline", "mdus")]
         C.append_rows(args.out / f"{tag}.csv", rows)
         all_rows += rows
     print()

@@ -10,15 +10,15 @@
 # Copy the CSV and the PNGs into benchmarks/results/ afterwards; `python benchmarks/bench_<op>.py --plot-only --csv
 # OUTDIR/<device_tag>.csv --out DIR` redraws any plot from the CSV.
 #
-# Order: build, benchmarks (the issues' figures; each benchmark stopped after BENCH_TIMEOUT seconds, the headline
-# ones first), then the GPU kernel tests under TESTS_TIMEOUT. Every step runs even if an earlier one failed; the
-# exit status is non-zero if any did.
+# Order: build, benchmarks (the issues' figures at their target shapes; each benchmark stopped after BENCH_TIMEOUT
+# seconds, the rows it wrote kept), then the GPU kernel tests under TESTS_TIMEOUT. Every step runs even if an
+# earlier one failed; the exit status is non-zero if any did. A `bench` or `tests` step on a GPU machine without
+# the CUDA build of mdus_kernels._C (a fresh machine) builds it first.
 #
 # Environment: STEPS (default "build bench tests"); BENCH_ONLY (the benchmarks, in order; default "patch_pool
-# upscale linear_cross_entropy cgmlp attention"); BENCH_TIMEOUT (seconds per benchmark, default 75); BENCH_ARGS
-# (more run_all.py words, e.g. "--quick"); TESTS (default: the kernel and attention test files); TESTS_TIMEOUT
-# (default 150); PYTHON (default python3). A `bench` or `tests` step on a GPU machine without the CUDA build of
-# mdus_kernels._C (a fresh machine) builds it first.
+# upscale linear_cross_entropy cgmlp attention"); BENCH_TIMEOUT (seconds per benchmark, default 75); ARGS_<name>
+# (a benchmark's own words, see `focus` below); BENCH_ARGS (words for every benchmark, e.g. "--quick"); TESTS
+# (default: the kernel and attention test files); TESTS_TIMEOUT (default 100); PYTHON (default python3).
 #
 # Test wheels: the GPU image has no network and lacks some pure-Python test dependencies. Fetch them here, for
 # the image's Python 3.12, into .gpu_wheels (ignored by git; carry it with the call):
@@ -93,16 +93,28 @@ if want build || { { want bench || want tests; } && needs_cuda_build; }; then
     build
 fi
 if want bench; then
-    # shellcheck disable=SC2086  # BENCH_ONLY and BENCH_ARGS are lists of words on purpose
-    step bench "$PY" benchmarks/run_all.py --device cuda --out "$OUT" --only $BENCH_ONLY \
-        --timeout-each "${BENCH_TIMEOUT:-75}" ${BENCH_ARGS:-}
+    # The issues' target shapes (the scripts' own GPU sweeps are wider than one call allows); ARGS_<name> replaces
+    # a benchmark's words, e.g. ARGS_attention="" for its full sweep.
+    declare -A focus=(
+        [patch_pool]="--tokens 262144 1048576 --dims 1024 2048"
+        [upscale]=""
+        [linear_cross_entropy]="--tokens 8192 32768 --dims 576 2048"
+        [cgmlp]="--tokens 65536 --dims 768 1536 3072"
+        [attention]="--dims 64 --seqlens 2048 8192"
+    )
+    for name in $BENCH_ONLY; do
+        words_var="ARGS_$name"
+        # shellcheck disable=SC2086  # lists of words on purpose
+        step "bench $name" timeout "${BENCH_TIMEOUT:-75}" "$PY" "benchmarks/bench_$name.py" --device cuda \
+            --out "$OUT" ${!words_var-${focus[$name]-}} ${BENCH_ARGS:-}
+    done
     if compgen -G "$OUT/*.png" >/dev/null; then
         (cd "$OUT" && tar -cf plots.tar -- *.png && rm -f -- *.png)
     fi
 fi
 if want tests; then
     # shellcheck disable=SC2086
-    step tests timeout "${TESTS_TIMEOUT:-150}" "$PY" -m pytest -q -p no:cacheprovider $TESTS
+    step tests timeout "${TESTS_TIMEOUT:-100}" "$PY" -m pytest -q -p no:cacheprovider $TESTS
 fi
 
 echo "run.log, the CSV and plots.tar in $OUT (exit $status)"
