@@ -100,7 +100,9 @@ if triton is not None:
             i_y = tl.minimum(tl.maximum(b_y, 0), V - 1)
             b_sy = tl.load(p_row + i_y)
             if SOFTCAP:
-                b_sy, _ = _softcap(b_sy, softcap)
+                # (Distinct names for the unused derivatives: one name reused inside the loop below would be a
+                # loop-carried variable changing from scalar to block, which the GPU compiler rejects.)
+                b_sy, b_dsy = _softcap(b_sy, softcap)
             # Sweep 1: online max and sum of exp(s - max), rescaled when the max grows; sum of s for smoothing.
             b_m = float("-inf")
             b_d = 0.0
@@ -110,7 +112,7 @@ if triton is not None:
                 m_j = o_j < V
                 b_s = tl.load(p_row + o_j, mask=m_j, other=0.0)
                 if SOFTCAP:
-                    b_s, _ = _softcap(b_s, softcap)
+                    b_s, b_ds = _softcap(b_s, softcap)
                 if SMOOTH:
                     b_sum += tl.sum(b_s)  # masked lanes hold 0 (and the softcap keeps 0 at 0)
                 b_s = tl.where(m_j, b_s, float("-inf"))
