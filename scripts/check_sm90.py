@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -99,12 +100,11 @@ def _attention_calls(quick: bool):
                     cu = torch.tensor([0, 30, 64], dtype=torch.int32)
                     pre = torch.tensor([5, 9], dtype=torch.int32) if prefix else None
                     name = f"attention D={d} {str(dtype)[6:]} causal={causal} prefix={prefix} det={deterministic}"
-                    yield name, lambda: A.attention_fwd_triton(q, k, v, cu, cu, pre, 34, causal, 0.1, deterministic)
-                    out = torch.randn_like(q)
-                    lse = torch.randn(4, 64)
-                    yield name + " bwd", lambda: A.attention_bwd_triton(
-                        torch.randn_like(q), None, q, k, v, out, lse, cu, cu, pre, 34, 34, causal, 0.1,
-                        deterministic)
+                    yield name, partial(A.attention_fwd_triton, q, k, v, cu, cu, pre, 34, causal, 0.1, deterministic)
+                    dlse = torch.randn(4, 64) if deterministic else None  # with and without d(lse)
+                    yield name + " bwd", partial(A.attention_bwd_triton, torch.randn_like(q), dlse, q, k, v,
+                                                 torch.randn_like(q), torch.randn(4, 64), cu, cu, pre, 34, 34,
+                                                 causal, 0.1, deterministic)
 
 
 def _patch_pool_calls(quick: bool):
@@ -116,9 +116,9 @@ def _patch_pool_calls(quick: bool):
                 x = torch.randn(100, d, dtype=dtype)
                 off = torch.tensor([0, 3, 50, 100], dtype=torch.int32)
                 pooled = torch.randn(3, d, dtype=dtype)
-                yield f"patch_pool D={d} {str(dtype)[6:]} {reduce}", lambda: P.patch_pool_fwd(x, off, reduce)
-                yield f"patch_unpool D={d} {str(dtype)[6:]} {reduce}", lambda: P.patch_unpool_fwd(
-                    pooled, off, 100, reduce, x, pooled)
+                yield f"patch_pool D={d} {str(dtype)[6:]} {reduce}", partial(P.patch_pool_fwd, x, off, reduce)
+                yield f"patch_unpool D={d} {str(dtype)[6:]} {reduce}", partial(P.patch_unpool_fwd, pooled, off, 100,
+                                                                               reduce, x, pooled)
 
 
 def _cgmlp_calls(quick: bool):
@@ -132,10 +132,10 @@ def _cgmlp_calls(quick: bool):
                 cu = torch.tensor([0, 20, 50], dtype=torch.int32)
                 norm = (torch.ones(c), torch.zeros(c), 1e-5) if ln else None
                 name = f"cgmlp C={c} {str(dtype)[6:]} ln={ln} gate={gate}"
-                yield name, lambda: G.dwconv_fwd(x, w, b, cu, None, True, ln=norm, gate=gate)
+                yield name, partial(G.dwconv_fwd, x, w, b, cu, None, True, ln=norm, gate=gate)
                 stats = (torch.ones(c), torch.zeros(c), torch.zeros(50), torch.ones(50)) if ln else None
-                yield name + " bwd", lambda: G.dwconv_bwd(torch.randn(50, c, dtype=dtype), x, w, b, cu, None, True,
-                                                          ln=stats, gate=gate)
+                yield name + " bwd", partial(G.dwconv_bwd, torch.randn(50, c, dtype=dtype), x, w, b, cu, None, True,
+                                             ln=stats, gate=gate)
 
 
 def _loss_calls(quick: bool):
@@ -145,11 +145,10 @@ def _loss_calls(quick: bool):
         logits = torch.randn(8, v)
         labels = torch.randint(0, v, (8,))
         for smooth, softcap in ((0.0, 0.0), (0.1, 30.0)):
-            yield f"ce_rows V={v} smooth={smooth} softcap={softcap}", lambda: L.ce_rows_triton_(
-                logits, labels, -100, smooth, softcap, None, True)
-        teacher = torch.randn(8, v)
-        yield f"kl_rows V={v}", lambda: L.kl_rows_triton_(logits, teacher, torch.ones(8, dtype=torch.bool), 1.0,
-                                                          None, True)
+            yield f"ce_rows V={v} smooth={smooth} softcap={softcap}", partial(
+                L.ce_rows_triton_, logits, labels, -100, smooth, softcap, None, True)
+        yield f"kl_rows V={v}", partial(L.kl_rows_triton_, logits, torch.randn(8, v), torch.ones(8, dtype=torch.bool),
+                                        1.0, None, True)
 
 
 def main(argv=None) -> int:
