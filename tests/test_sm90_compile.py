@@ -14,9 +14,12 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "check_sm90.py"
 
 
 def test_kernels_compile_for_sm90_without_spills():
-    nvidia = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    if not (nvidia / "ptxas").is_file() or not (nvidia / "cuobjdump").is_file():
-        pytest.skip(f"this Triton has no NVIDIA ptxas / cuobjdump in {nvidia}")
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        get_ptxas(90)
+    except Exception as exc:  # noqa: BLE001 - any reason this Triton cannot target NVIDIA GPUs here
+        pytest.skip(f"this Triton has no NVIDIA backend / ptxas: {exc}")
     run = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True, timeout=900,
                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     report = run.stdout[-6000:] + run.stderr[-3000:]

@@ -310,11 +310,11 @@ if triton is not None:
     # Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head-dim bucket (BLOCK_D <= 64,
     # 128, 256) for the GPU autotuner; the first of each list is the fixed choice of deterministic=True. Every one
     # compiles for sm_90 without spilling registers, with Triton 3.6 (the GPU image's) and 3.9
-    # (`python scripts/check_sm90.py`): large head dims need small tiles or 8 warps.
+    # (`python scripts/check_sm90.py`): large head dims need small tiles or 8 warps. These are for fp16/bf16.
     _TILES = {
         "fwd": {64: [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)],
                 128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 2)],
-                256: [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3), (32, 64, 8, 3), (32, 128, 8, 3)]},
+                256: [(64, 64, 8, 3), (128, 32, 8, 3), (64, 32, 8, 3), (32, 64, 8, 3)]},
         "dkdv": {64: [(32, 64, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 4, 2)],
                  128: [(16, 64, 8, 2), (32, 32, 8, 3), (16, 32, 8, 3)],
                  256: [(16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)]},
@@ -322,27 +322,43 @@ if triton is not None:
                128: [(128, 32, 8, 3), (128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 8, 3), (64, 16, 4, 2)],
                256: [(64, 32, 8, 2), (128, 16, 8, 3), (32, 64, 8, 2), (32, 32, 8, 3), (64, 16, 8, 3)]},
     }
+    # fp32 inputs compute in IEEE fp32 (PRECISION="ieee"): no tensor cores, so the products live in registers and
+    # only small tiles stay spill-free.
+    _TILES_FP32 = {
+        "fwd": {64: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (64, 16, 8, 2), (32, 32, 4, 2)],
+                128: [(32, 64, 8, 2), (32, 16, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2)],
+                256: [(16, 16, 8, 2), (16, 32, 8, 2)]},
+        "dkdv": {64: [(32, 16, 4, 2), (16, 16, 4, 2)],
+                 128: [(16, 32, 8, 2), (32, 16, 8, 2), (64, 16, 8, 2)],
+                 256: [(16, 16, 8, 2), (16, 32, 8, 2)]},
+        "dq": {64: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
+               128: [(32, 32, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (32, 16, 8, 2)],
+               256: [(16, 16, 8, 2), (16, 32, 8, 2)]},
+    }
     _TUNE_KEY = ["BLOCK_D", "CAUSAL", "HAS_PREFIX", "GROUP", "PRECISION"]
 
     def _config(tile):
         m, n, w, s = tile
         return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
-    def _tiles(name: str, block_d: int) -> list:
-        """The candidate configs of kernel ``name`` for head dims padded to ``block_d``."""
-        return [_config(t) for t in _TILES[name][64 if block_d <= 64 else 128 if block_d <= 128 else 256]]
+    def _tiles(name: str, block_d: int, precision: str) -> list:
+        """The candidate configs of kernel ``name`` for head dims padded to ``block_d`` at ``precision``."""
+        table = _TILES_FP32 if precision == "ieee" else _TILES
+        return [_config(t) for t in table[name][64 if block_d <= 64 else 128 if block_d <= 128 else 256]]
 
     def _pruner(name: str):
         def prune(configs, named_args, **kwargs):
+            arg = lambda key: kwargs.get(key, named_args.get(key))  # noqa: E731
             keep = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                    for c in _tiles(name, kwargs.get("BLOCK_D", named_args.get("BLOCK_D")))}
+                    for c in _tiles(name, arg("BLOCK_D"), arg("PRECISION"))}
             return [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
                     in keep]
         return prune
 
     _kernels = {"fwd": _attn_fwd_kernel, "dkdv": _attn_bwd_dkdv_kernel, "dq": _attn_bwd_dq_kernel}
     _tuned = {
-        name: triton.autotune(configs=[_config(t) for t in dict.fromkeys(t for ts in _TILES[name].values()
+        name: triton.autotune(configs=[_config(t) for t in dict.fromkeys(t for table in (_TILES, _TILES_FP32)
+                                                                            for ts in table[name].values()
                                                                             for t in ts)],
                               key=_TUNE_KEY, prune_configs_by={"early_config_prune": _pruner(name)})(kernel)
         for name, kernel in _kernels.items()
@@ -362,7 +378,7 @@ def _launch(name: str, grid_rows: int, grid_rest: tuple, deterministic: bool, ar
         kernel[grid](*args, BLOCK_M=16, BLOCK_N=16, **meta)
         return
     if deterministic:
-        cfg = _tiles(name, meta["BLOCK_D"])[0]
+        cfg = _tiles(name, meta["BLOCK_D"], meta["PRECISION"])[0]
         block = cfg.kwargs["BLOCK_N" if name == "dkdv" else "BLOCK_M"]
         kernel[(triton.cdiv(grid_rows, block), *grid_rest)](*args, **cfg.kwargs, num_warps=cfg.num_warps,
                                                             num_stages=cfg.num_stages, **meta)
