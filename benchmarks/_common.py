@@ -438,6 +438,28 @@ def plot_only(args, op: str, plot_rows: Callable) -> None:
     plot_rows([r for r in rows if r["run_id"] == run], args.out, csv_path.stem)
 
 
+# ----------------------------------------------------------------------------------------------------- checks
+
+
+def max_rel_error(actual: torch.Tensor | None, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: relative to the expected tensor's own scale, so an all-zero (1) or
+    sign-flipped (2) result fails whatever its magnitude; inf when ``actual`` is missing, misshapen or not finite
+    (NaN would pass a ``> tol`` test)."""
+    if actual is None or actual.shape != expected.shape:
+        return math.inf
+    if not actual.numel():
+        return 0.0
+    scale = float(expected.float().abs().max().clamp(min=1e-30))
+    err = float((actual.float() - expected.float()).abs().max()) / scale
+    return err if math.isfinite(err) else math.inf
+
+
+def error_note(exc: BaseException) -> str:
+    """``Type: first line of the message`` (at most 200 characters of it): a skipped row's note."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+
+
 # ----------------------------------------------------------------------------------------------------- tables
 
 

@@ -212,10 +212,6 @@ def make_flash_attn(cu, max_len, q, k, v):
 # ----------------------------------------------------------------------------------------------------- check
 
 
-def _error(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {first}"
-
 
 def free_memory(device: torch.device) -> None:
     gc.collect()
@@ -265,13 +261,6 @@ def reference(q, k, v, dout, lengths, prefixes, mask, budget) -> dict:
                 share=f"{len(seqs)}/{len(lengths)} seqs x {heads.numel()}/{q.shape[1]} heads")
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (inf for a shape mismatch, nan for non-finite values)."""
-    if actual.shape != expected.shape:
-        return float("inf")
-    scale = float(expected.abs().max().clamp(min=1e-30))
-    return float((actual.float() - expected).abs().max()) / scale
-
 
 def check(fn, q, k, v, dout, ref_data, tol) -> tuple[dict, dict]:
     """Runs ``fn`` forward and backward once and compares the output and q/k/v gradients with the reference.
@@ -282,23 +271,23 @@ def check(fn, q, k, v, dout, ref_data, tol) -> tuple[dict, dict]:
     statuses, errors = {}, {}
     pick = (lambda t: t.detach()[ref_data["rows"]][:, ref_data["heads"]]) if ref_data else None
     if ref_data:
-        errors["out"] = rel_error(pick(out), ref_data["expected"][0])
+        errors["out"] = C.max_rel_error(pick(out), ref_data["expected"][0])
     bwd_error = None
     try:
         grads = torch.autograd.grad(out, (q, k, v), dout)
         if ref_data:
             for name, g, e in zip(CHECKED[1:], grads, ref_data["expected"][1:], strict=True):
-                errors[name] = rel_error(pick(g), e)
+                errors[name] = C.max_rel_error(pick(g), e)
         del grads
     except Exception as exc:  # an unsupported or failing backward: the forward rows still count
         traceback.print_exc(limit=-4)
-        bwd_error = f"backward failed: {_error(exc)}"
+        bwd_error = f"backward failed: {C.error_note(exc)}"
     del out
     if ref_data:
         head = f"max rel err vs fp32 reference ({ref_data['share']}): "
         notes = {"fwd": head + f"out={errors['out']:.2g}",
                  "fwd+bwd": head + ", ".join(f"{n}={e:.2g}" for n, e in errors.items())}
-        fwd_ok = errors["out"] <= tol  # False for nan
+        fwd_ok = errors["out"] <= tol
         statuses["fwd"] = "ok" if fwd_ok else "mismatch"
         statuses["fwd+bwd"] = "ok" if fwd_ok and all(e <= tol for e in errors.values()) else "mismatch"
     else:
@@ -327,7 +316,7 @@ def run_impl(name, build, case: dict, modes, timing, device, tol) -> list[dict]:
         statuses, notes = check(fn, q, k, v, dout, case["ref"], tol)
     except Exception as exc:  # a compile error, OutOfResources, OOM: only this implementation is lost
         traceback.print_exc(limit=-4)
-        error = _error(exc)
+        error = C.error_note(exc)
     if error:
         free_memory(device)
         print(f"  [skip] {name} {common['mask']}: {error}", file=sys.stderr)
@@ -353,7 +342,7 @@ def run_impl(name, build, case: dict, modes, timing, device, tol) -> list[dict]:
                 flops = 3.5 * case["fwd_flops"]
         except Exception as exc:
             traceback.print_exc(limit=-4)
-            error = _error(exc)
+            error = C.error_note(exc)
         if error:
             free_memory(device)
             print(f"  [skip] {name} {common['mask']} {mode}: {error}", file=sys.stderr)
@@ -377,7 +366,7 @@ def run_case(mask, seqlen, tokens, d, heads, dtype, device, timing, common, mode
         case["ref"] = reference(q, k, v, dout, lengths, prefixes, mask, REF_BUDGET[device.type])
     except Exception as exc:  # time the implementations anyway, as status=unchecked
         traceback.print_exc(limit=-4)
-        case["ref_error"] = f"reference failed: {_error(exc)}"
+        case["ref_error"] = f"reference failed: {C.error_note(exc)}"
         print(f"  [ERROR] {case['ref_error']}", file=sys.stderr)
     if case["ref_error"]:
         free_memory(device)
@@ -469,7 +458,7 @@ def main(argv=None) -> int:
                     rows = run_case(mask, seqlen, case_tokens, d, heads, dtype, device, timing, common, args.modes)
                 except Exception as exc:  # a broken case must not lose the other cases' rows
                     traceback.print_exc(limit=-4)
-                    error = _error(exc)
+                    error = C.error_note(exc)
                 if error:
                     print(f"[skip] D={d} seqlen={seqlen} mask={mask}: {error}", file=sys.stderr)
                     rows = [dict(common, impl=name, mode=mode, status="skipped", note=f"case failed: {error}")

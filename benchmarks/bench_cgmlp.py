@@ -149,22 +149,9 @@ def flops(mode: str, tokens: int, channels: int, k: int) -> int:
     return (2 if mode == "fwd" else 6) * tokens * channels * k
 
 
-def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    if actual.shape != expected.shape:
-        return math.inf
-    if not actual.numel():
-        return 0.0
-    scale = float(expected.abs().max().clamp(min=1e-30))
-    err = float((actual.float() - expected.float()).abs().max()) / scale
-    return err if math.isfinite(err) else math.inf  # NaN would pass a `> tol` test
-
 
 # ----------------------------------------------------------------------------------------------------- running
 
-
-def _error(exc: BaseException) -> str:
-    first = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}"
 
 
 def forward_backward(fwd, case: dict):
@@ -188,11 +175,11 @@ def run_impl(impl: str, case: dict, modes: list[str], expected, device: torch.de
         with torch.no_grad():
             fwd(case["x"], *case["params"])
     except Exception as exc:  # an OOM or a missing backend: the other implementations still run
-        print(f"  [skip] {impl}: {_error(exc)}", file=sys.stderr)
+        print(f"  [skip] {impl}: {C.error_note(exc)}", file=sys.stderr)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        return [row(mode, "skipped", _error(exc)) for mode in modes]
-    errors = [max_rel_error(out, expected[0])] + [max_rel_error(a, e) for a, e in zip(grads, expected[1],
+        return [row(mode, "skipped", C.error_note(exc)) for mode in modes]
+    errors = [C.max_rel_error(out, expected[0])] + [C.max_rel_error(a, e) for a, e in zip(grads, expected[1],
                                                                                      strict=True)]
     note = "max rel err vs eager: " + ", ".join(f"{n}={e:.2g}" for n, e in zip(("out", *GRAD_NAMES), errors,
                                                                                strict=True))
@@ -223,8 +210,8 @@ def run_impl(impl: str, case: dict, modes: list[str], expected, device: torch.de
             else:
                 mem = C.peak_memory(fn, device=device, warm_call=ms["p50"] < 200)
         except Exception as exc:
-            print(f"  [skip] {impl} {mode}: {_error(exc)}", file=sys.stderr)
-            rows.append(row(mode, "skipped", _error(exc)))
+            print(f"  [skip] {impl} {mode}: {C.error_note(exc)}", file=sys.stderr)
+            rows.append(row(mode, "skipped", C.error_note(exc)))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue

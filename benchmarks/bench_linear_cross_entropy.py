@@ -103,20 +103,10 @@ def reference(hidden, weights, labels):
     return (torch.tensor(loss, device=h.device), h.grad, *grads)
 
 
-def max_rel_error(actual, expected) -> float:
-    """max |actual - expected| / max |expected|; inf when ``actual`` is missing, misshapen or not finite."""
-    if actual is None or actual.shape != expected.shape:
-        return math.inf
-    if not actual.numel():
-        return 0.0
-    scale = float(expected.float().abs().max().clamp(min=1e-30))
-    err = float((actual.float() - expected.float()).abs().max()) / scale
-    return err if math.isfinite(err) else math.inf
-
 
 def check(got, expected, dtype, names) -> tuple[bool, str]:
     """Compares ``run``'s outputs with ``reference``'s: (all within the dtype's bound, note with the errors)."""
-    errors = {name: max_rel_error(g, e) for name, g, e in zip(names, got, expected, strict=True) if e is not None}
+    errors = {name: C.max_rel_error(g, e) for name, g, e in zip(names, got, expected, strict=True) if e is not None}
     note = "max rel err vs fp32 reference: " + ", ".join(f"{k}={e:.2g}" for k, e in errors.items())
     return all(e <= TOLERANCES[dtype] for e in errors.values()), note
 
@@ -152,7 +142,7 @@ def run_case(n, d, v, dtype, head, impls, device, timing, base, v_speech=0):
             traceback.print_exc()
             # A mismatch stays one (its errors kept in the note) when its timing then fails.
             rows.append(dict(row, status="mismatch" if row["status"] == "mismatch" else "skipped",
-                             note="; ".join(filter(None, (note, error_note(exc))))))
+                             note="; ".join(filter(None, (note, C.error_note(exc))))))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -170,10 +160,6 @@ def case_row(base, impl, head, n, d, v, v_speech, dtype) -> dict:
     return dict(base, impl=impl, head=head, tokens=n, d=d, V=v, V_speech=v_speech if head == "speech" else 0,
                 dtype=str(dtype).removeprefix("torch."), status="ok", note="")
 
-
-def error_note(exc: BaseException) -> str:
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}"[:200]
 
 
 def plot_rows(rows, out: Path, tag: str) -> None:
@@ -234,7 +220,7 @@ def main(argv=None) -> int:
                     except Exception as exc:  # e.g. out of memory building the case: keep the other cases
                         traceback.print_exc()
                         rows = [dict(case_row(base, impl, head, n, d, v, args.speech_vocab, dtype), status="skipped",
-                                     note=f"case failed: {error_note(exc)}") for impl in impls]
+                                     note=f"case failed: {C.error_note(exc)}") for impl in impls]
                     finally:
                         gc.collect()
                         if cuda:

@@ -203,10 +203,6 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) ->
 # ----------------------------------------------------------------------------------------------------- running
 
 
-def _error(exc: BaseException) -> str:
-    first = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}"
-
 
 def reference_outputs(case: dict, reduce: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The specification's forward output and input gradient, via the public entry point."""
@@ -263,11 +259,11 @@ def run_impl(impl: str, case: dict, reduce: str, modes: list[str], ref: tuple, d
                     note += f"; bwd max_abs_err={err_b:.3g} ({n_skip} tied/zero patch columns not summed)"
                 del dx
             except Exception as exc:  # backward unsupported: the forward rows still count
-                bwd_error = f"backward failed: {_error(exc)}"
+                bwd_error = f"backward failed: {C.error_note(exc)}"
         del out
     except Exception as exc:
-        print(f"  [skip] {impl} {reduce}: {_error(exc)}", file=sys.stderr)
-        return [row(mode, "skipped", _error(exc)) for mode in modes]
+        print(f"  [skip] {impl} {reduce}: {C.error_note(exc)}", file=sys.stderr)
+        return [row(mode, "skipped", C.error_note(exc)) for mode in modes]
     if not ok:
         print(f"  [ERROR] {impl} {reduce} tokens={case['tokens']} D={case['dim']}: output differs from the reference "
               f"({note})", file=sys.stderr)
@@ -294,8 +290,8 @@ def run_impl(impl: str, case: dict, reduce: str, modes: list[str], ref: tuple, d
             ms = C.timeit(fn, device=device, **timing)
             mem = C.peak_memory(fn, device=device, warm_call=ms["p50"] < 200)
         except Exception as exc:
-            print(f"  [skip] {impl} {reduce} {mode}: {_error(exc)}", file=sys.stderr)
-            rows.append(row(mode, "skipped", _error(exc)))
+            print(f"  [skip] {impl} {reduce} {mode}: {C.error_note(exc)}", file=sys.stderr)
+            rows.append(row(mode, "skipped", C.error_note(exc)))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue

@@ -106,10 +106,6 @@ def case_row(base, impl, block, shape, tokens, seqs, dtype, autocast) -> dict:
                 autocast="bf16" if autocast else "none", dtype=str(dtype).removeprefix("torch."), status="ok", note="")
 
 
-def error_note(exc: BaseException) -> str:
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}"[:200]
-
 
 def check_loss(loss: float, baseline_loss: float | None, rtol: float) -> tuple[bool, str]:
     """The first step's loss: finite, and within ``rtol`` of the baseline's (the same weights) when it ran."""
@@ -147,7 +143,7 @@ def run_case(shape, block, tokens, seqs, speech_vocab, dtype, device, timing, ba
             traceback.print_exc()
             # A mismatch stays one (its loss kept in the note) when its timing then fails.
             rows.append(dict(row, status="mismatch" if row["status"] == "mismatch" else "skipped",
-                             note="; ".join(filter(None, (note, error_note(exc))))))
+                             note="; ".join(filter(None, (note, C.error_note(exc))))))
         finally:
             lm = step = None
             gc.collect()
@@ -198,7 +194,7 @@ def main(argv=None) -> int:
         except Exception as exc:  # whatever escapes run_case's own handling: keep the other cases
             traceback.print_exc()
             rows = [dict(case_row(base, impl, block, shape, tokens, args.seqs, dtype, autocast), status="skipped",
-                         note=f"case failed: {error_note(exc)}") for impl in ("baseline", "mdus")]
+                         note=f"case failed: {C.error_note(exc)}") for impl in ("baseline", "mdus")]
         C.append_rows(args.out / f"{tag}.csv", rows)
         all_rows += rows
     print()
