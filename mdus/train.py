@@ -469,12 +469,13 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
         metrics_path.unlink()
     step_autocast = autocast(cfg, device)
     start, t0_elapsed = time.monotonic(), state["elapsed_s"]
+    spent = lambda: cfg.budget_minutes is not None and state["elapsed_s"] > cfg.budget_minutes * 60  # noqa: E731
     batches = epoch_batches(lengths, state["epoch"], cfg)
     status, last = "done", {}
     bar = tqdm(total=cfg.max_steps, initial=state["step"], disable=not cfg.progress, desc="train", unit="step")
     with _StopFlag() as stop, open(metrics_path, "a") as log:
         while state["step"] < cfg.max_steps:
-            if cfg.budget_minutes is not None and state["elapsed_s"] > cfg.budget_minutes * 60:
+            if spent():
                 status = "budget"  # a resume with the budget already spent: nothing to add (raise it to go on)
                 break
             opt.zero_grad(set_to_none=True)
@@ -511,8 +512,7 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
             bar.set_postfix(loss=f"{last['loss']:.3f}")
             if on_step is not None:
                 on_step(state["step"], last)
-            over_budget = cfg.budget_minutes is not None and state["elapsed_s"] > cfg.budget_minutes * 60
-            if stop.signal or over_budget or state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
+            if stop.signal or spent() or state["step"] % cfg.save_every == 0 or state["step"] == cfg.max_steps:
                 save_checkpoint(ckpt_path, lm, opt, sched, dict(state), cfg)
             if stop.signal:
                 status = stop.signal
