@@ -18,6 +18,7 @@ import copy
 import functools
 import inspect
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,12 +28,18 @@ from torch import nn
 
 import mdus_kernels
 from mdus.attention import NAME as ATTN_NAME
+from mdus.attention import cu_seqlens_from_position_ids
 from mdus_kernels._checks import check_offsets, longest_segment
 
 PLACEMENTS = ("interleaved", "sandwich", "top", "middle", "bottom")
 ROUTES = ("all", "speech_only")
 BLOCKS = ("transformer", "ebranchformer")
 IGNORE = -100
+
+
+def _is_int(value) -> bool:
+    """An integer (Python or numpy, not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def insertion_positions(n_layers: int, n_insert: int | None, placement: str | list[int]) -> list[int]:
@@ -49,7 +56,12 @@ def insertion_positions(n_layers: int, n_insert: int | None, placement: str | li
         >>> insertion_positions(8, 2, "interleaved"), insertion_positions(8, 3, "sandwich")
         ([4, 8], [0, 8, 8])
     """
+    if n_insert is not None and not _is_int(n_insert):
+        raise TypeError(f"n_insert must be an int or None, got {n_insert!r}")
     if isinstance(placement, (list, tuple)):
+        if not all(_is_int(p) for p in placement):
+            raise TypeError(f"placement positions must be ints (the number of original layers before each block), "
+                            f"got {list(placement)}")
         positions = [int(p) for p in placement]
         if any(p < 0 or p > n_layers for p in positions):
             raise ValueError(f"placement positions must be in [0, {n_layers}] (the number of original layers "
@@ -108,10 +120,24 @@ def cache_kwarg(module_cls: type) -> str:
     return "cache" if "cache" in inspect.signature(module_cls.forward).parameters else "past_key_values"
 
 
+# Config fields a transformer block must share with its host: it lives in the host's residual stream (width) and
+# receives the host's rotary embeddings (head dim, RoPE); the rest do not describe one layer.
+HOST_FIELDS = ("hidden_size", "head_dim", "rope_parameters", "rope_theta", "rope_scaling", "vocab_size",
+               "num_hidden_layers", "tie_word_embeddings", "model_type")
+
+
 def _transformer_block(base, layer_idx: int, block_config: dict) -> nn.Module:
     """A decoder layer of the host's own class (LLaMA-style), built from its config with ``block_config``'s
     overrides, with the attention output and MLP down projections zeroed (LLaMA Pro): an exact identity."""
     config = copy.deepcopy(base.config)
+    known = config.to_dict()
+    for key in block_config:
+        if key not in known:
+            raise ValueError(f"block_config: {key!r} is not a field of the host's {type(config).__name__} (fields "
+                             "such as intermediate_size, num_attention_heads, num_key_value_heads)")
+        if key in HOST_FIELDS:
+            raise ValueError(f"block_config: {key!r} must stay the host's ({known[key]!r}): the block runs in its "
+                             "residual stream with its rotary embeddings")
     for key, value in block_config.items():
         setattr(config, key, value)
     layer_cls = type(base.get_decoder().layers[0])
@@ -152,11 +178,16 @@ class SpeechLM(nn.Module):
             raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {config.route!r}")
         if config.block not in BLOCKS:
             raise ValueError(f"block must be one of {', '.join(BLOCKS)}, got {config.block!r}")
+        if not _is_int(config.speech_vocab_size):
+            raise TypeError(f"speech_vocab_size must be an int, got {config.speech_vocab_size!r}")
         if config.speech_vocab_size < 0:
             raise ValueError(f"speech_vocab_size must be >= 0, got {config.speech_vocab_size}")
         if config.route == "speech_only" and not config.speech_vocab_size:
             raise ValueError("route='speech_only' needs speech_vocab_size >= 1: without speech positions the "
                              "inserted blocks would never run on anything")
+        if config.route == "speech_only" and config.train_text_embeddings:
+            raise ValueError("route='speech_only' keeps text outputs exactly the base model's; "
+                             "train_text_embeddings=True would change them: choose one")
         head = base.get_output_embeddings()
         if head is None or getattr(head, "bias", None) is not None:
             raise ValueError("the base model needs a bias-free linear output head (a causal LM)")
@@ -243,11 +274,32 @@ class SpeechLM(nn.Module):
         whose weights are frozen, so it reproduces the base model exactly at any point of training. Only depth
         up-scaling with frozen text embeddings keeps that promise: full fine-tuning and ``train_text_embeddings``
         train the host's own weights and LoRA injects its adapters into them, so for those this raises."""
-        if self.config.method != "dus" or self.config.train_text_embeddings:
+        if self._trains_host() or self.config.method == "lora":
             what = "train_text_embeddings=True" if self.config.method == "dus" else f"method={self.config.method!r}"
             raise ValueError(f"without_inserted() is the untouched base only for depth up-scaling with frozen text "
                              f"embeddings; this model ({what}) trains the host's own weights")
         return self.base
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        """Activation checkpointing for every layer of the up-scaled stack: the host's layers through the host's
+        own switch (``kwargs`` go to it: ``activation_checkpointing_kwargs``, ``every_n_layers`` ...), and every
+        inserted block, which trains and so holds most of what a step saves."""
+        host = self.base
+        (getattr(host, "activation_checkpointing_enable", None) or host.gradient_checkpointing_enable)(**kwargs)
+        func = next(m._gradient_checkpointing_func for m in host.modules()
+                    if getattr(m, "_gradient_checkpointing_func", None) is not None)
+        for block in self.blocks:
+            block.gradient_checkpointing, block._gradient_checkpointing_func = True, func
+
+    def gradient_checkpointing_disable(self) -> None:
+        host = self.base
+        (getattr(host, "activation_checkpointing_disable", None) or host.gradient_checkpointing_disable)()
+        for block in self.blocks:
+            block.gradient_checkpointing = False
+
+    def _trains_host(self) -> bool:
+        """Whether training changes the host's own weights (full fine-tuning, ``train_text_embeddings``)."""
+        return self.config.method == "full_finetune" or self.config.train_text_embeddings
 
     def stack(self) -> list[tuple[str, nn.Module]]:
         """The up-scaled layer stack in execution order, as ("base"|"inserted", module) pairs."""
@@ -306,7 +358,7 @@ class SpeechLM(nn.Module):
         hidden = decoder.norm(hidden)
 
         loss = None
-        targets = self._targets(ids, labels, loss_mask, attention_mask, cu_seqlens)
+        targets = self._targets(ids, labels, loss_mask, attention_mask, layer_kwargs.get("cu_seq_lens_q"))
         if targets is not None:
             # Only the rows with a target enter the loss (in ASR training the speech rows have none, and they are
             # most of the tokens): the head GEMMs then cost what the targets need. The mean is unchanged.
@@ -392,6 +444,12 @@ class SpeechLM(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
             else:
                 position_ids = torch.arange(past, past + input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        elif input_ids.shape[0] == 1 and input_ids.shape[1] > 1 and attention_mask is None and not past:
+            # One row packed by restarting position_ids (transformers' convention): its sequences, as cu_seqlens
+            # for every layer and for the targets, so none predicts the next one's first token.
+            cu, longest = cu_seqlens_from_position_ids(position_ids)
+            if cu.numel() > 2:
+                kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return input_ids, attention_mask, position_ids, kwargs
 
     def _fit_cache(self, cache):
@@ -450,6 +508,8 @@ class SpeechLM(nn.Module):
         meta = {"mdus_config": json.dumps(asdict(self.config)),
                 "base_model": str(getattr(self.base.config, "_name_or_path", "")),
                 "base_shape": json.dumps(_base_shape(self.base))}
+        if not self._trains_host():  # the host's weights are the ones the run started from: fingerprint them
+            meta["base_fingerprint"] = json.dumps(_base_fingerprint(self.base))
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
@@ -472,12 +532,13 @@ def upscale(model: nn.Module, *, n_insert: int | None = None, placement: str | l
             "bottom", or a list of positions (the number of original layers before each block).
         block: "transformer" (a decoder layer of the host's class, output projections zeroed) or "ebranchformer"
             (``mdus.blocks.EBranchformerBlock``). Both start as an exact identity.
-        block_config: for "transformer", config fields to override (e.g. ``intermediate_size``); for
+        block_config: for "transformer", config fields to override (e.g. ``intermediate_size``; not those in
+            ``HOST_FIELDS``, such as the width, head dim and RoPE the block shares with the host); for
             "ebranchformer", ``EBranchformerBlock``'s keyword arguments.
         speech_vocab_size: speech ids are ``text_vocab + [0, speech_vocab_size)``, with their own trainable
             embedding and output rows (tied when the host ties its head to its embedding).
         route: "all", or "speech_only": the blocks update speech positions only, so text-only inputs give exactly
-            the base model's outputs, whatever the training did.
+            the base model's outputs, whatever the training did (so not with ``train_text_embeddings``).
         train_text_embeddings: also train the text embedding and head (off: they get no gradient at all).
         speech_encoder: continuous speech input instead of units: ``ConvSubsampler`` options (``n_mels``,
             ``stride``) or ``{"type": "symbols", "token_ids": ...}`` (``SymbolProjection``); then
@@ -523,6 +584,9 @@ def lora(model: nn.Module, *, rank: int | None = None, match_params: int | None 
 
     if (rank is None) == (match_params is None):
         raise ValueError("give exactly one of rank and match_params")
+    for name, value in (("rank", rank), ("match_params", match_params)):
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     per_rank = _lora_params_per_rank(model, target_modules)
     if per_rank == 0:
         raise ValueError(f"no nn.Linear named {', '.join(target_modules)} in the model")
@@ -536,8 +600,6 @@ def lora(model: nn.Module, *, rank: int | None = None, match_params: int | None 
             speech += sum(p.numel() for p in build_speech_encoder(d, speech_encoder).parameters())
     if rank is None:
         rank = max(1, round((match_params - speech) / per_rank))
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
     cfg = dict(rank=rank, alpha=float(alpha if alpha is not None else rank), target_modules=list(target_modules),
                dropout=dropout)
     model.requires_grad_(False)
@@ -547,11 +609,35 @@ def lora(model: nn.Module, *, rank: int | None = None, match_params: int | None 
                                           speech_encoder=dict(speech_encoder or {})))
 
 
+# The host config fields a checkpoint's blocks were trained against beyond the tensor shapes: the attention layout
+# and RoPE the blocks share with the host, and the host's kind.
+_BASE_FIELDS = ("model_type", "num_attention_heads", "num_key_value_heads", "head_dim", "rope_parameters",
+                "rope_theta", "rope_scaling", "rms_norm_eps")
+
+
 def _base_shape(model: nn.Module) -> dict:
     """What a checkpoint's trainable tensors assume of the base beyond their own shapes: the depth the insertion
-    positions count in, the width, and the text vocabulary the speech ids sit above."""
+    positions count in, the width, the text vocabulary the speech ids sit above, and ``_BASE_FIELDS`` (as JSON
+    gives them back)."""
+    cfg = model.config.to_dict()
+    fields = json.loads(json.dumps({k: cfg[k] for k in _BASE_FIELDS if cfg.get(k) is not None}))
     return {"layers": len(model.get_decoder().layers), "text_vocab": model.get_input_embeddings().weight.shape[0],
-            "hidden": model.get_input_embeddings().weight.shape[1]}
+            "hidden": model.get_input_embeddings().weight.shape[1], **fields}
+
+
+def _base_fingerprint(model: nn.Module) -> list[float]:
+    """16 fixed, evenly spaced values of each of a few frozen host tensors (the input embedding, the first and last
+    layer's first weight, the final norm) in fp32: enough to tell another base apart (another fine-tune or seed),
+    while the same base in another dtype matches within its rounding."""
+    decoder = model.get_decoder()
+    frozen = lambda m: next(p for n, p in m.named_parameters() if "lora_" not in n)  # noqa: E731
+    values = []
+    for t in (model.get_input_embeddings().weight, frozen(decoder.layers[0]), frozen(decoder.layers[-1]),
+              frozen(decoder.norm)):
+        flat = t.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, 16, device=flat.device).long()
+        values += flat[index].float().tolist()
+    return values
 
 
 def _rebuild(model: nn.Module, config: SpeechLMConfig) -> SpeechLM:
@@ -563,13 +649,18 @@ def _rebuild(model: nn.Module, config: SpeechLMConfig) -> SpeechLM:
     return SpeechLM(model, config)
 
 
-def load(path: str | Path, model: nn.Module) -> SpeechLM:
+def load(path: str | Path, model: nn.Module, *, check_weights: bool = True) -> SpeechLM:
     """Rebuilds a saved wrapper (``SpeechLM.save_trainable``) around a separately loaded base model and loads its
-    trainable tensors. Raises if the file does not match the model (depth, width, text vocabulary, missing or
-    unexpected tensors, shapes), and then leaves ``model`` as it was."""
+    trainable tensors. Raises if the file does not match the model (depth, width, text vocabulary, attention and
+    RoPE settings, missing or unexpected tensors, shapes) and, with ``check_weights``, if the model's frozen
+    weights are not the ones the checkpoint was trained on (a fingerprint of a few of them, in any dtype; kept for
+    methods that leave the host frozen); it then leaves ``model`` as it was."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if isinstance(model, SpeechLM):
+        raise TypeError("load(path, model): model must be the freshly loaded base model (a transformers causal LM), "
+                        "not a SpeechLM wrapper")
     path = Path(path)
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
@@ -589,6 +680,15 @@ def load(path: str | Path, model: nn.Module) -> SpeechLM:
             skeleton = None
         if skeleton is not None:
             _check_shapes(path, _rebuild(skeleton, config), shapes)
+    if check_weights and "base_fingerprint" in meta:
+        saved_w = torch.tensor(json.loads(meta["base_fingerprint"]))
+        have_w = torch.tensor(_base_fingerprint(model))
+        # bf16 keeps 8 significant bits: the same weights in any dtype agree within 2^-8 of their size.
+        if saved_w.shape != have_w.shape or not torch.allclose(have_w, saved_w, rtol=2 ** -7, atol=1e-6):
+            raise ValueError(f"{path} was trained on other base weights than the model's (saved from "
+                             f"{meta.get('base_model') or 'an unnamed model'!r}; the model is "
+                             f"{getattr(model.config, '_name_or_path', '') or 'unnamed'!r}): load the base it was "
+                             "trained on, or pass check_weights=False")
     wrapper = _rebuild(model, config)
     _check_shapes(path, wrapper, shapes)
     params = dict(wrapper.named_parameters())

@@ -145,6 +145,26 @@ def test_cache_batch_edits_match_recompute(block):
         torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5, msg=edit)
 
 
+@pytest.mark.parametrize("block", ["transformer", "ebranchformer"])
+def test_cached_decoding_of_a_left_padded_batch(block):
+    """A left-padded batch decoded with a KV cache, a chunk then single tokens, gives the logits of the no-cache
+    forward over the whole padded batch: padding is never speech and never reaches the convs."""
+    from transformers import DynamicCache
+
+    lm, _ = _pair(block, perturb=0.3)
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    ids = torch.randint(0, V + 10, (3, 11), generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :4], mask[2, :7] = 0, 0
+    full = lm(ids, attention_mask=mask, return_logits=True).logits
+    cache, got = DynamicCache(), []
+    for a, b in ((0, 6), (6, 9), (9, 10), (10, 11)):
+        got.append(lm(ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache, use_cache=True,
+                      return_logits=True).logits)
+    valid = mask.bool()
+    torch.testing.assert_close(torch.cat(got, 1)[valid], full[valid], rtol=1e-5, atol=1e-5)
+
+
 def test_ebranchformer_slot_filled_by_another_model_raises():
     from transformers import DynamicCache
 

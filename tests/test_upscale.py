@@ -2,6 +2,7 @@
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from transformers import (
@@ -165,6 +166,46 @@ def test_left_and_right_padding_and_packing_give_the_same_loss():
             batch[i, cols], mask[i, cols] = t, 1
         padded = lm(batch, attention_mask=mask, labels=torch.where(mask.bool(), batch, 7)).loss
         torch.testing.assert_close(padded, packed, atol=1e-6, rtol=1e-6)
+    # One row packed by restarting position_ids (transformers' convention): the same sequences, the same loss.
+    pos = torch.cat([torch.arange(len(t)) for t in seqs])[None]
+    for block in BLOCKS:
+        lm = _train(_upscale(_pair("llama")[0], block, speech_vocab_size=20), steps=1)
+        packed = lm(ids, cu_seqlens=torch.tensor([0, 4, 6, 9], dtype=torch.int32), labels=ids).loss
+        torch.testing.assert_close(lm(ids[None], position_ids=pos, labels=ids[None]).loss, packed, atol=1e-6,
+                                   rtol=1e-6)
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+def test_gradient_checkpointing_covers_the_inserted_blocks(block):
+    """``lm.gradient_checkpointing_enable()`` checkpoints the host's layers and the inserted blocks: the same loss
+    and gradients, and the activations kept for the backward shrink to the layer inputs."""
+    lm = _train(_upscale(_pair("llama")[0], block, speech_vocab_size=20), steps=1).train()  # checkpoints in training
+    ids, cu, loss_mask = _batch(4)
+
+    def step():
+        kept = []
+
+        def pack(t):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        lm.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = lm(ids, cu_seqlens=cu, loss_mask=loss_mask).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}, sum(kept)
+
+    loss, grads, plain = step()
+    lm.gradient_checkpointing_enable()
+    assert all(b.gradient_checkpointing for b in lm.blocks)
+    loss_c, grads_c, checkpointed = step()
+    torch.testing.assert_close(loss_c, loss, rtol=0, atol=0)
+    assert grads_c.keys() == grads.keys() and len(grads) > 0
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_c[name], g, rtol=1e-6, atol=1e-7, msg=name)
+    assert checkpointed < plain / 10, (checkpointed, plain)  # the host alone checkpointed: ~plain / 3.5
+    lm.gradient_checkpointing_disable()
+    assert not any(b.gradient_checkpointing for b in lm.blocks) and step()[2] == plain
 
 
 def test_loss_matches_eager_cross_entropy():
@@ -254,6 +295,27 @@ def test_bad_inputs():
         mdus.SpeechLM(_pair("llama")[0], SpeechLMConfig(positions=[2, 9]))
 
 
+def test_bad_construction_arguments_name_themselves():
+    model = _pair("llama")[0]
+    bad = [(dict(placement=[1.7]), TypeError, "placement positions must be ints"),
+           (dict(n_insert=True), TypeError, "n_insert must be an int"),
+           (dict(n_insert=2.5), TypeError, "n_insert must be an int"),
+           (dict(speech_vocab_size=2.5), TypeError, "speech_vocab_size must be an int"),
+           (dict(route="speech_only", speech_vocab_size=4, train_text_embeddings=True), ValueError,
+            "route='speech_only' keeps text outputs.*train_text_embeddings"),
+           (dict(block_config={"intermediate_sise": 32}), ValueError, "block_config: 'intermediate_sise' is not"),
+           (dict(block_config={"hidden_size": 32}), ValueError, "block_config: 'hidden_size' must stay the host's"),
+           (dict(block_config={"head_dim": 4, "num_attention_heads": 12}), ValueError, "block_config: 'head_dim'")]
+    for kwargs, error, message in bad:
+        with pytest.raises(error, match=message):
+            mdus.upscale(model, **kwargs)
+    assert mdus.insertion_positions(8, None, [np.int64(3)]) == [3]  # numpy ints are ints
+    lm = mdus.upscale(model, n_insert=1, block_config={"intermediate_size": 24})
+    assert lm.blocks[0].mlp.up_proj.out_features == 24
+    with pytest.raises(ValueError, match="match_params must be an int >= 1"):
+        mdus.lora(_pair("llama")[0], match_params=-5)
+
+
 def test_without_inserted_only_where_the_host_is_untouched():
     for lm in (mdus.upscale(_pair("llama")[0], train_text_embeddings=True), mdus.lora(_pair("llama")[0], rank=2),
                mdus.full_finetune(_pair("llama")[0])):
@@ -273,7 +335,7 @@ def test_load_checks_the_base_before_touching_it(tmp_path):
     # runs on a skeleton, so the model is left as it was (no adapters, nothing trainable, its own attention).
     lora_path = mdus.lora(LlamaForCausalLM(LlamaConfig(**SHAPE)), rank=2).save_trainable(tmp_path / "lora.safetensors")
     for p in (path, lora_path):
-        other = LlamaForCausalLM(LlamaConfig(**dict(SHAPE, intermediate_size=80, num_key_value_heads=3)))
+        other = LlamaForCausalLM(LlamaConfig(**dict(SHAPE, intermediate_size=80)))
         before = {k: v.clone() for k, v in other.state_dict().items()}
         attn, trainable = other.config._attn_implementation, [v.requires_grad for v in other.parameters()]
         with pytest.raises(ValueError, match="the model expects"):
@@ -282,6 +344,32 @@ def test_load_checks_the_base_before_touching_it(tmp_path):
         assert [v.requires_grad for v in other.parameters()] == trainable
         assert other.state_dict().keys() == before.keys()
         assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+
+
+def test_load_checks_the_attention_layout_and_the_base_weights(tmp_path):
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**SHAPE))
+    trained = copy.deepcopy(base)
+    path = mdus.upscale(copy.deepcopy(base), n_insert=2, speech_vocab_size=5).save_trainable(tmp_path / "d.st")
+    # Shapes alike, computation not: another head layout, another RoPE, other weights of the same architecture.
+    for kw, message in ((dict(num_attention_heads=12, head_dim=4, num_key_value_heads=4),
+                         "num_attention_heads: checkpoint 6, model 12"),
+                        (dict(rope_theta=500.0), "rope_parameters: checkpoint"),
+                        ({}, "trained on other base weights")):
+        other = LlamaForCausalLM(LlamaConfig(**dict(SHAPE, **kw)))
+        with pytest.raises(ValueError, match=message):
+            mdus.load(path, other)
+    assert isinstance(mdus.load(path, other, check_weights=False), mdus.SpeechLM)
+    # The same weights in bf16 pass (within bf16's rounding).
+    assert mdus.load(path, copy.deepcopy(trained).to(torch.bfloat16)).blocks[0].mlp.up_proj.weight.dtype == \
+        torch.bfloat16
+    with pytest.raises(TypeError, match="not a SpeechLM wrapper"):
+        mdus.load(path, mdus.upscale(copy.deepcopy(trained)))
+    # Full fine-tuning trains the host itself, so its checkpoint carries no fingerprint to check.
+    ft = mdus.full_finetune(copy.deepcopy(base))
+    with torch.no_grad():
+        ft.base.get_input_embeddings().weight.add_(1.0)
+    mdus.load(ft.save_trainable(tmp_path / "ft.st"), copy.deepcopy(trained))
 
 
 def test_real_smollm2_135m():

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import mdus_kernels
@@ -88,7 +89,7 @@ class FeedForward(nn.Sequential):
         nn.init.zeros_(self[2].bias)
 
 
-class EBranchformerBlock(nn.Module):
+class EBranchformerBlock(GradientCheckpointingLayer):
     """An E-Branchformer layer with a decoder layer's call signature (``hidden_states (B, T, d)`` plus the host's
     ``attention_mask``, ``position_ids``, ``position_embeddings``, ``past_key_values`` and kwargs), returning the
     new ``hidden_states``.
@@ -198,6 +199,11 @@ class EBranchformerBlock(nn.Module):
             g = g * gate.unsqueeze(-1).to(g.dtype)  # channel_proj2's bias would otherwise reach text positions
         return g
 
+    @staticmethod
+    def _masked(c, valid):
+        """``c`` with padding rows zeroed: the merge conv reads them as the zero padding of a segment edge."""
+        return c if valid is None else c * valid.unsqueeze(-1).to(c.dtype)
+
     def _merge_conv(self, c, cu):
         if cu is not None:
             t = c.shape[1]
@@ -232,9 +238,9 @@ class EBranchformerBlock(nn.Module):
         recomputation."""
         if not self.causal:
             raise NotImplementedError("cached decoding needs causal convs (EBranchformerBlock(causal=True))")
-        if cu is not None or valid is not None:
-            raise NotImplementedError("cached decoding of an E-Branchformer block takes unpadded rows, one "
-                                      "sequence each")
+        if cu is not None:
+            raise NotImplementedError("cached decoding of an E-Branchformer block takes one sequence per row "
+                                      "(padded, not packed)")
         batch, t, _ = x.shape
         speech = gate if gate is not None else torch.ones(batch, t, dtype=torch.bool, device=x.device)
         slot = cache.layers[self.layer_idx]
@@ -249,7 +255,7 @@ class EBranchformerBlock(nn.Module):
                              f"at {seen} (the cache was cropped or rewound, or filled without this model): decode "
                              "again from the prompt with a fresh cache")
         x_all, s_all = torch.cat([x_hist, x], 1), torch.cat([s_hist, speech], 1)
-        c = torch.cat([a, self._cgmlp_branch(x_all, s_all, None)[:, -t:]], dim=-1)
+        c = self._masked(torch.cat([a, self._cgmlp_branch(x_all, s_all, None)[:, -t:]], dim=-1), valid)
         c_all = torch.cat([c_hist, c], 1)
         fused = self._merge_conv(c_all, None)[:, -t:]
         k_gate, k_merge = self.cgmlp.csgu.conv.weight.shape[-1], self.fusion_weight.shape[-1]
@@ -279,9 +285,7 @@ class EBranchformerBlock(nn.Module):
         if past_key_values is not None:
             c, fused = self._cached_convs(past_key_values, x, a, gate, cu, valid)
         else:
-            c = torch.cat([a, self._cgmlp_branch(x, gate, cu)], dim=-1)
-            if valid is not None:
-                c = c * valid.unsqueeze(-1).to(c.dtype)  # padding reads as the zero padding of the segment edge
+            c = self._masked(torch.cat([a, self._cgmlp_branch(x, gate, cu)], dim=-1), valid)
             fused = self._merge_conv(c, cu)
         x = x + self.merge_proj(c + fused)
         if self.ffn is not None:
