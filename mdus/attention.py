@@ -78,7 +78,7 @@ def mdus_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: to
         device_type = query.device.type
         target = (torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else value.dtype)
         query, key, value = query.to(target), key.to(target), value.to(target)
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, S, H, D) views
     batch, sq, sk = q.shape[0], q.shape[1], k.shape[1]
     if sliding_window is not None and sk > sliding_window:

@@ -121,3 +121,11 @@ def choose_backend(native_op: str | None, device: torch.device, *, gpu_default: 
         if _available(candidate, native_op, device) is None:
             return candidate
     return "reference"
+
+
+def contiguous(out):
+    """A reference backend's result (a tensor or a tuple of them, None allowed) laid out as the kernels return it
+    and the ops' fake implementations describe it: contiguous, whatever the inputs' strides."""
+    if isinstance(out, torch.Tensor):
+        return out.contiguous()
+    return tuple(None if t is None else t.contiguous() for t in out)

@@ -5,6 +5,7 @@ gradients) the error that plain PyTorch makes computing the same thing in that d
 the dtype at the result's scale. The Triton kernels run under the interpreter on CPU, so their shapes are small.
 """
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -295,6 +296,9 @@ def test_opcheck(dev, backend, use_backend):
     torch.library.opcheck(torch.ops.mdus.attention_bwd.default,
                           (dout, None, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), cu, cu, None,
                            9, 9, True, 0.2, False))
+    # Head-major storage (a transposed view): the outputs are contiguous on every backend, as the fakes say.
+    qt, kt, vt = (t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.mdus.attention_fwd.default, (qt, kt, vt, cu, cu, None, 9, 9, False, 0.2, False))
 
 
 @pytest.mark.parametrize("dev,backend", KERNELS)
@@ -353,9 +357,13 @@ def test_bad_inputs():
         mk.attention(q.view(2, 5, 4, 16), k.view(1, 10, 2, 16), v.view(1, 10, 2, 16))
 
 
-def test_checked_offsets_are_remembered_until_changed():
-    """A cu_seqlens that passed is not read again (the layers of a model share one: one sync per forward), an
-    in-place change is checked again, and a remembered tensor still meets every call's own max_seqlen."""
+def test_checked_offsets_are_remembered_until_changed(monkeypatch):
+    """On GPU a cu_seqlens that passed is not read again (the layers of a model share one: one sync per forward),
+    an in-place change is checked again, and a remembered tensor still meets every call's own max_seqlen. (Made to
+    remember on CPU here; there it checks every time, next test.)"""
+    from mdus_kernels import _checks
+
+    monkeypatch.setattr(_checks, "_remembers", lambda t: not t.is_inference())
     q, k, v = _inputs(10, 10, 4, 2, 16, torch.float32, 0)
     cu = _cu([4, 6])
     expect = mk.attention(q, k, v, cu_seqlens=cu)
@@ -370,3 +378,62 @@ def test_checked_offsets_are_remembered_until_changed():
     out = mk.attention(q, k, v, cu_seqlens=cu)
     assert not torch.allclose(out, expect)
     torch.testing.assert_close(out, mk.attention(q, k, v, cu_seqlens=_cu([3, 7])), rtol=0, atol=0)
+
+
+def test_cpu_offsets_are_checked_every_call():
+    """A CPU offsets tensor rewritten behind the version counter (a reused numpy collate buffer, ``.data``) is still
+    caught: CPU checks are not remembered."""
+    q, k, v = _inputs(10, 10, 4, 2, 16, torch.float32, 0)
+    buf = np.array([0, 4, 10], dtype=np.int32)
+    cu = torch.from_numpy(buf)
+    mk.attention(q, k, v, cu_seqlens=cu)
+    buf[:] = [0, 12, 10]
+    with pytest.raises(ValueError, match="non-decreasing"):
+        mk.attention(q, k, v, cu_seqlens=cu)
+    offsets = torch.tensor([0, 3, 7])
+    mk.patch_unpool(torch.ones(2, 4), offsets, num_tokens=7)
+    offsets.data[2] = 5
+    with pytest.raises(ValueError, match=r"offsets\[-1\] must equal"):
+        mk.patch_unpool(torch.ones(2, 4), offsets, num_tokens=7)
+
+
+@pytest.mark.parametrize("dev,backend", DEV_BACKENDS)
+def test_nan_query_propagates(dev, backend, use_backend):
+    """A NaN in a query row gives NaN out and lse in that row on every backend (ATen's CPU kernel alone would
+    give 0), other rows untouched; rows that see no key keep 0 and -inf."""
+    use_backend(backend)
+    q, k, v = _inputs(9, 7, 4, 2, 16, torch.float32, 3, dev)
+    cu_q, cu_k = _cu([2, 7], dev), _cu([3, 4], dev)
+    clean, clean_lse = mk.attention(q, k, v, cu_seqlens=(cu_q, cu_k), max_seqlen=(7, 4), return_lse=True)
+    q[5, 1, 3] = float("nan")
+    out, lse = mk.attention(q, k, v, cu_seqlens=(cu_q, cu_k), max_seqlen=(7, 4), return_lse=True)
+    assert out[5, 1].isnan().all() and lse[1, 5].isnan()
+    hit = torch.zeros(9, 4, dtype=torch.bool, device=dev)
+    hit[5, 1] = True
+    torch.testing.assert_close(out[~hit], clean[~hit], rtol=0, atol=0)
+    torch.testing.assert_close(lse.t()[~hit], clean_lse.t()[~hit], rtol=0, atol=0)
+    assert (clean_lse[:, 2:5] == float("-inf")).all()  # sequence 2's first 3 rows see no key (7 queries, 4 keys)
+
+
+def test_scalar_arguments_are_checked():
+    q, k, v = _inputs(6, 6, 2, 1, 8, torch.float32, 1)
+    cu = _cu([6])
+    for kwargs, error, message in ((dict(causal=None), TypeError, "causal must be a bool, got None"),
+                                   (dict(causal="False"), TypeError, "causal must be a bool"),
+                                   (dict(deterministic=1), TypeError, "deterministic must be a bool"),
+                                   (dict(softmax_scale="0.5"), ValueError, "softmax_scale must be a finite number"),
+                                   (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite")):
+        with pytest.raises(error, match=message):
+            mk.attention(q, k, v, cu_seqlens=cu, **kwargs)
+    torch.testing.assert_close(mk.attention(q, k, v, cu_seqlens=cu, softmax_scale=np.float64(0.3)),
+                               mk.attention(q, k, v, cu_seqlens=cu, softmax_scale=0.3), rtol=0, atol=0)
+
+
+def test_compile_dynamic_shapes():
+    """torch.compile(dynamic=True): the default scale of a symbolic head dim is not inspected in Python."""
+    fn = torch.compile(lambda q, k, v, cu: mk.attention(q, k, v, cu_seqlens=cu, max_seqlen=7), fullgraph=True,
+                       dynamic=True, backend="aot_eager")
+    for total, d in ((7, 16), (5, 24)):
+        q, k, v = _inputs(total, total, 4, 2, d, torch.float32, total)
+        cu = _cu([2, total - 2])
+        torch.testing.assert_close(fn(q, k, v, cu), mk.attention(q, k, v, cu_seqlens=cu, max_seqlen=7))

@@ -356,6 +356,11 @@ def test_opcheck(backend, use_backend):
     xc = x.detach()[:, :4].contiguous().requires_grad_()
     torch.library.opcheck(torch.ops.mdus.depthwise_conv1d.default, (xc, cw2, cb, cu, None, True))
     torch.library.opcheck(torch.ops.mdus.depthwise_conv1d.default, (xc, cw2, None, cu, mask, False))
+    # Transposed (channel-major) inputs: the outputs are contiguous on every backend, as the fakes say.
+    xt = x.detach().t().contiguous().t().requires_grad_()
+    torch.library.opcheck(torch.ops.mdus.cgmlp_gate.default, (xt, nw, nb, cw2, cb, cu, mask, True, 1e-5))
+    xct = xc.detach().t().contiguous().t().requires_grad_()
+    torch.library.opcheck(torch.ops.mdus.depthwise_conv1d.default, (xct, cw2, cb, cu, None, False))
 
 
 @pytest.mark.parametrize("backend,compile_backend",
@@ -517,3 +522,23 @@ def test_module_init_packed_and_speech_mask():
         ConvolutionalGatingMLP(8, 7, 5)
     with pytest.raises(ValueError, match=r"gate_activation must be one of"):
         ConvolutionalGatingMLP(8, 8, 5, gate_activation="mish")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_text_tokens_are_never_read(backend, use_backend):
+    """A text token's x is never read: inf or NaN there (an fp16 overflow, garbage in padding) leaves the output
+    and every gradient exactly as with zeros there."""
+    use_backend(backend)
+    x, params, cu, mask = make_inputs([9, 6], 4, 3, masked=True, seed=21)
+    text = torch.nonzero(~mask).flatten()[:2]
+    assert text.numel() == 2
+    clean = x.clone()
+    clean[text] = 0.0
+    g = torch.randn(x.shape[0], 4, generator=torch.Generator().manual_seed(4))
+    expect = run_op(mk.cgmlp_gate, clean, params, g, cu_seqlens=cu, speech_mask=mask)
+    dirty = clean.clone()
+    dirty[text[0]], dirty[text[1], 4:] = float("inf"), float("nan")  # the x_g half of the second
+    got = run_op(mk.cgmlp_gate, dirty, params, g, cu_seqlens=cu, speech_mask=mask)
+    torch.testing.assert_close(got[0], expect[0], rtol=0, atol=0)
+    for a, b in zip(got[1], expect[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -142,6 +142,10 @@ def test_opcheck(reduction):
     torch.library.opcheck(torch.ops.mdus.linear_cross_entropy_backward.default,
                           (torch.randn(N), hidden.detach(), [w1, w2.detach()], labels, -100, 0.0, 0.0, True,
                            [False, True]))
+    # A head stored (d, V) and passed as its transpose: its gradient is contiguous, as the fake says.
+    w2t = w2.detach().t().contiguous().t().requires_grad_()
+    torch.library.opcheck(torch.ops.mdus.linear_cross_entropy.default,
+                          (hidden, [w1, w2t], labels, -100, reduction, 0.0, 0.0, True, [False, True]))
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
@@ -177,10 +181,10 @@ def test_bad_arguments():
         mk.linear_cross_entropy(hidden[:, 0], w1, labels)
     with pytest.raises(ValueError, match=r"reduction must be one of 'mean', 'sum', 'none', got 'avg'"):
         mk.linear_cross_entropy(hidden, w1, labels, reduction="avg")
-    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\], got 1.5"):
         mk.linear_cross_entropy(hidden, w1, labels, label_smoothing=1.5)
     for cap in (0, float("inf")):
-        with pytest.raises(ValueError, match=rf"logit_softcap must be finite and > 0, or None, got {cap}"):
+        with pytest.raises(ValueError, match=rf"logit_softcap must be a finite number > 0, or None, got {cap}"):
             mk.linear_cross_entropy(hidden, w1, labels, logit_softcap=cap)
     with pytest.raises(ValueError, match=r"weight must have at least one row"):
         mk.linear_cross_entropy(hidden, w1[:0], torch.full_like(labels, -100))
@@ -276,7 +280,7 @@ def test_kl_bad_arguments():
         mk.linear_kl_div(hidden, (w1, w2), th, torch.randn(VT, 15))
     with pytest.raises(TypeError, match=r"mask must have dtype in \(bool\), got int64"):
         mk.linear_kl_div(hidden, (w1, w2), th, tw, mask=mask.long())
-    with pytest.raises(ValueError, match=r"temperature must be > 0, got 0"):
+    with pytest.raises(ValueError, match=r"temperature must be a finite number > 0, got 0"):
         mk.linear_kl_div(hidden, (w1, w2), th, tw, temperature=0)
     with pytest.raises(ValueError, match=r"teacher_hidden must be on cpu"):
         mk.linear_kl_div(hidden, (w1, w2), th.to("meta"), tw.to("meta"))
@@ -476,3 +480,27 @@ def test_row_math_dispatch(monkeypatch, use_backend):
     hidden, w1, w2, labels = make(torch.float32, 25)
     mk.linear_cross_entropy(hidden, (w1, w2), labels)
     assert len(calls) == 8  # ceil(37 / 5) chunks, each through the Triton launcher
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_double_backward_raises(reduction):
+    """The gradients come from the forward's chunks (or a recomputation outside autograd) and carry no graph:
+    create_graph=True raises instead of silently dropping second-order terms (a gradient penalty)."""
+    hidden, w1, w2, labels = make(torch.float32, 3)
+    hidden.requires_grad_()
+    for loss in (mk.linear_cross_entropy(hidden, (w1, w2), labels, reduction=reduction),
+                 mk.linear_kl_div(hidden, (w1, w2), hidden.detach() + 1, w1, reduction=reduction)):
+        with pytest.raises(NotImplementedError, match="double backward"):
+            torch.autograd.grad(loss.sum(), hidden, create_graph=True)
+        assert torch.autograd.grad(loss.sum(), hidden)[0].isfinite().all()  # first order as before
+
+
+def test_scalar_arguments_are_checked():
+    hidden, w1, w2, labels = make(torch.float32, 4)
+    for kwargs, message in ((dict(label_smoothing=None), "label_smoothing must be a number in"),
+                            (dict(ignore_index=-100.5), "ignore_index must be an int"),
+                            (dict(logit_softcap=float("inf")), "logit_softcap must be a finite number > 0")):
+        with pytest.raises(ValueError, match=message):
+            mk.linear_cross_entropy(hidden, (w1, w2), labels, **kwargs)
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
+        mk.linear_kl_div(hidden, (w1, w2), hidden, w1, temperature=float("nan"))

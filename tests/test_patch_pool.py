@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEVICES, backends_for
@@ -208,6 +209,8 @@ def test_opcheck(backend, reduce, use_backend):
     pooled = mk.patch_pool(x.detach(), offsets, reduce)
     p = torch.randn(3, 7, requires_grad=reduce in ("sum", "mean"))
     torch.library.opcheck(torch.ops.mdus.patch_unpool.default, (p, offsets, 10, reduce, x.detach(), pooled))
+    xt = x.detach().t().contiguous().t().requires_grad_()  # feature-major storage
+    torch.library.opcheck(torch.ops.mdus.patch_pool.default, (xt, offsets, reduce))
 
 
 @pytest.mark.parametrize("backend,compile_backend",
@@ -387,3 +390,11 @@ def test_import_falls_back_without_working_extension(tmp_path, breakage):
     assert expected in proc.stderr
     assert "BACKEND reference" in proc.stdout
     assert "VALUE [[1.0, 1.0], [1.0, 1.0]]" in proc.stdout
+
+
+def test_num_tokens_is_checked():
+    offsets = torch.tensor([0, 2, 2])
+    for bad in (2.0, True, -1):
+        with pytest.raises(ValueError, match=r"num_tokens must be an int >= 0"):
+            mk.patch_unpool(torch.ones(2, 3), offsets, num_tokens=bad)
+    assert mk.patch_unpool(torch.ones(2, 3), offsets, num_tokens=np.int64(2)).shape == (2, 3)

@@ -26,12 +26,10 @@ Precision: dot products accumulate in fp32 from fp16/bf16 inputs. fp32 inputs ar
 accumulation; fp64 for fp64 inputs).
 """
 
-import math
-
 import torch
 
 from mdus_kernels import _backend
-from mdus_kernels._checks import check_offsets, check_offsets_values, check_tensor, longest_segment
+from mdus_kernels._checks import check_number, check_offsets, check_offsets_values, check_tensor, longest_segment
 from mdus_kernels.reference import attention as ref
 
 # float64 is for gradcheck on the CPU and reference paths; the Triton kernels take the other three.
@@ -403,7 +401,7 @@ def _index_args(cu_q, cu_k, prefix_lens):
 
 def attention_fwd_triton(q, k, v, cu_q, cu_k, prefix_lens, max_q, causal, scale, deterministic):
     total_q, hq, d = q.shape
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     lse = torch.empty(hq, total_q, dtype=torch.float32, device=q.device)
     batch = cu_q.shape[0] - 1
     if total_q == 0 or batch == 0:
@@ -419,7 +417,7 @@ def attention_bwd_triton(dout, dlse, q, k, v, out, lse, cu_q, cu_k, prefix_lens,
                          deterministic):
     total_q, hq, d = q.shape
     hkv = k.shape[1]
-    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)  # keys of no sequence get 0
+    dq, dk, dv = q.new_empty(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)  # keys of no sequence get 0
     batch = cu_q.shape[0] - 1
     if total_q == 0 or batch == 0 or k.shape[0] == 0:
         return dq.zero_(), dk, dv
@@ -488,7 +486,7 @@ def _batch(t: torch.Tensor, start: int, n: int, length: int, first: int = 0) -> 
 
 
 def attention_fwd_cpu(q, k, v, cu_q, cu_k, prefix_lens, causal, scale):
-    out = torch.zeros_like(q)
+    out = q.new_zeros(q.shape)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=ref.acc_dtype(q.dtype), device=q.device)
     for q0, k0, n, lq, lk, first, is_causal, vis in _cpu_groups(cu_q, cu_k, prefix_lens, causal, scale):
         o, s = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -496,6 +494,12 @@ def attention_fwd_cpu(q, k, v, cu_q, cu_k, prefix_lens, causal, scale):
             attn_mask=_additive(vis, q.dtype), scale=scale)
         _batch(out, q0, n, lq, first).copy_(o)
         lse[:, q0:q0 + n * lq].view(-1, n, lq)[:, :, first:].copy_(s.transpose(0, 1))
+    # ATen's CPU kernel turns a query row holding NaN into out = 0, lse = 0; the spec (and the other backends)
+    # propagate it, so that a diverging model is not hidden. Rows that see no key keep 0 and -inf.
+    nan_rows = q.isnan().any(-1) & lse.t().isfinite()
+    if bool(nan_rows.any()):
+        out[nan_rows] = float("nan")
+        lse.t()[nan_rows] = float("nan")
     return out, lse
 
 
@@ -507,7 +511,7 @@ def attention_bwd_cpu(dout, q, k, v, out, lse, cu_q, cu_k, prefix_lens, causal, 
         grads = attention_bwd_cpu(*(t.float() for t in (dout, q, k, v, out)), lse, cu_q, cu_k, prefix_lens, causal,
                                   scale)
         return tuple(g.to(dtype) for g in grads)
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     for q0, k0, n, lq, lk, first, is_causal, vis in _cpu_groups(cu_q, cu_k, prefix_lens, causal, scale):
         s = lse[:, q0:q0 + n * lq].view(-1, n, lq)[:, :, first:].transpose(0, 1)
         gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -548,14 +552,14 @@ def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         return attention_fwd_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, causal, softmax_scale)
     out, lse = ref.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, prefix_lens=prefix_lens,
                              softmax_scale=softmax_scale)
-    return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    return out.contiguous(), lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32).contiguous()
 
 
 @_attention_fwd_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, prefix_lens, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
       deterministic):
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q), q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype)
+    return q.new_empty(q.shape), q.new_empty(q.shape[1], q.shape[0], dtype=lse_dtype)
 
 
 @torch.library.custom_op("mdus::attention_bwd", mutates_args=())
@@ -574,14 +578,14 @@ def _attention_bwd_op(dout: torch.Tensor, dlse: torch.Tensor | None, q: torch.Te
         return attention_bwd_cpu(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, prefix_lens, causal,
                                  softmax_scale)
     # The reference backend, and d(lse) on CPU (ATen's backward has no lse input).
-    return ref.attention_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
-                                  prefix_lens=prefix_lens, softmax_scale=softmax_scale)
+    return _backend.contiguous(ref.attention_backward(dout, dlse, q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
+                                                      prefix_lens=prefix_lens, softmax_scale=softmax_scale))
 
 
 @_attention_bwd_op.register_fake
 def _(dout, dlse, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, prefix_lens, max_seqlen_q, max_seqlen_k, causal,
       softmax_scale, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -595,7 +599,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, prefix_lens = ctx.saved_tensors
     if dout is None:
-        dout = torch.zeros_like(out)
+        dout = out.new_zeros(out.shape)
     # Upstream gradients may arrive expanded or strided (e.g. from a sum); the kernels index dlse densely.
     dq, dk, dv = torch.ops.mdus.attention_bwd(dout.contiguous(), None if dlse is None else dlse.contiguous(), q, k, v,
                                               out, lse, cu_q, cu_k, prefix_lens, *ctx.args)
@@ -650,6 +654,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens=N
         >>> attention(q, k, v, cu_seqlens=cu, max_seqlen=7, prefix_lens=torch.tensor([2, 4])).shape
         torch.Size([10, 6, 64])
     """
+    for name, flag in (("causal", causal), ("deterministic", deterministic), ("return_lse", return_lse)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
     padded = cu_seqlens is None
     ndim = 4 if padded else 3
     layout = "(B, S, H, D)" if padded else "(total, H, D) with cu_seqlens"
@@ -697,12 +704,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cu_seqlens=N
             raise ValueError(f"prefix_lens must have one entry per sequence ({batch}), got {prefix_lens.shape[0]}")
         if not causal:
             raise ValueError("prefix_lens needs causal=True (without a causal mask every key is visible anyway)")
-    scale = d ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
+    if softmax_scale is None:
+        scale = d ** -0.5  # symbolic under torch.compile(dynamic=True): not inspected
+    else:
+        check_number(softmax_scale, "softmax_scale", "a finite number or None")
+        scale = float(softmax_scale)
     out, lse = torch.ops.mdus.attention_fwd(_row_major(q3), _row_major(k3), _row_major(v3), cu_q, cu_k,
-                                            prefix_lens, int(max_q), int(max_k), bool(causal), scale,
-                                            bool(deterministic))
+                                            prefix_lens, int(max_q), int(max_k), causal, scale, deterministic)
     if padded:
         out = out.view(q.shape)
         lse = lse.view(hq, batch, q.shape[1]).transpose(0, 1)

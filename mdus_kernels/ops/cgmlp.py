@@ -34,7 +34,7 @@ memory roofline, and none has been made. The C++ CPU kernels are ``csrc/cpu/cgml
 import torch
 
 from mdus_kernels import _backend
-from mdus_kernels._checks import FLOAT_DTYPES, check_offsets, check_offsets_values, check_tensor
+from mdus_kernels._checks import FLOAT_DTYPES, check_number, check_offsets, check_offsets_values, check_tensor
 from mdus_kernels.reference import cgmlp as ref
 from mdus_kernels.reference.cgmlp import MAX_KERNEL_SIZE
 
@@ -207,7 +207,8 @@ if triton is not None:
         b_mu = tl.load(p_mean + o_t, mask=m_t, other=0.0)
         b_rs = tl.load(p_rstd + o_t, mask=m_t, other=0.0)  # 0 for text tokens, whose gradient is then 0
         b_xg = tl.load(p_x + o_t[:, None] * ldx + off_in + o_c[None, :], mask=m_tc, other=0.0).to(ACC)
-        b_xhat = (b_xg - b_mu[:, None]) * b_rs[:, None]
+        # where, not the product alone: a text token's x_g is never read, even if inf or NaN (inf * 0 = NaN).
+        b_xhat = tl.where(b_rs[:, None] != 0.0, (b_xg - b_mu[:, None]) * b_rs[:, None], 0.0)
         b_dxhat = tl.load(p_dxhat + o_t[:, None] * C + o_c[None, :], mask=m_tc, other=0.0)
         b_dx = b_rs[:, None] * (b_dxhat - (b_a[:, None] + b_xhat * b_b[:, None]) / C)
         tl.store(p_dx + o_t[:, None] * ldx + off_in + o_c[None, :], b_dx.to(p_dx.dtype.element_ty), mask=m_tc)
@@ -287,7 +288,7 @@ def dwconv_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
     n, ldx = x.shape
     c, k = weight.shape
     acc = _acc(x)
-    dx = torch.empty_like(x)
+    dx = x.new_empty(x.shape)
     if n == 0:
         z = x.new_zeros(c, dtype=acc)
         return dx, x.new_zeros(c, k, dtype=acc), z, z.clone(), z.clone()
@@ -330,8 +331,8 @@ def _cgmlp_gate_op(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.
     if backend == "triton":
         return dwconv_fwd(x, conv_weight, conv_bias, cu_seqlens, speech_mask, causal,
                           ln=(norm_weight, norm_bias, eps), gate=True)
-    return ref.cgmlp_gate_fwd(x, norm_weight, norm_bias, conv_weight, conv_bias, cu_seqlens, speech_mask, causal,
-                              eps)
+    return _backend.contiguous(ref.cgmlp_gate_fwd(x, norm_weight, norm_bias, conv_weight, conv_bias, cu_seqlens,
+                                                  speech_mask, causal, eps))
 
 
 @_cgmlp_gate_op.register_fake
@@ -355,16 +356,15 @@ def _cgmlp_gate_backward_op(grad: torch.Tensor, x: torch.Tensor, norm_weight: to
         dx, dcw, dcb, dnw, dnb = dwconv_bwd(grad, x, conv_weight, conv_bias, cu_seqlens, speech_mask, causal,
                                             ln=(norm_weight, norm_bias, mean, rstd), gate=True)
     else:
-        dx, dnw, dnb, dcw, dcb = ref.cgmlp_gate_bwd(grad, x, norm_weight, norm_bias, conv_weight, conv_bias,
-                                                    cu_seqlens, speech_mask, mean, rstd, causal)
+        dx, dnw, dnb, dcw, dcb = _backend.contiguous(ref.cgmlp_gate_bwd(
+            grad, x, norm_weight, norm_bias, conv_weight, conv_bias, cu_seqlens, speech_mask, mean, rstd, causal))
     return (dx, dnw.to(norm_weight.dtype), dnb.to(norm_bias.dtype), dcw.to(conv_weight.dtype),
             dcb.to(conv_bias.dtype))
 
 
 @_cgmlp_gate_backward_op.register_fake
 def _(grad, x, norm_weight, norm_bias, conv_weight, conv_bias, cu_seqlens, speech_mask, mean, rstd, causal):
-    return (torch.empty_like(x), torch.empty_like(norm_weight), torch.empty_like(norm_bias),
-            torch.empty_like(conv_weight), torch.empty_like(conv_bias))
+    return tuple(t.new_empty(t.shape) for t in (x, norm_weight, norm_bias, conv_weight, conv_bias))
 
 
 def _cgmlp_setup_context(ctx, inputs, output):
@@ -396,12 +396,12 @@ def _dwconv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         return torch.ops.mdus.depthwise_conv1d_fwd_kernel(x, weight, bias, cu_seqlens, speech_mask, causal)
     if backend == "triton":
         return dwconv_fwd(x, weight, bias, cu_seqlens, speech_mask, causal)[0]
-    return ref.depthwise_conv1d_fwd(x, weight, bias, cu_seqlens, speech_mask, causal)
+    return ref.depthwise_conv1d_fwd(x, weight, bias, cu_seqlens, speech_mask, causal).contiguous()
 
 
 @_dwconv_op.register_fake
 def _(x, weight, bias, cu_seqlens, speech_mask, causal):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("mdus::depthwise_conv1d_backward", mutates_args=())
@@ -414,13 +414,13 @@ def _dwconv_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     elif backend == "triton":
         dx, dw, db, _, _ = dwconv_bwd(grad, x, weight, None, cu_seqlens, speech_mask, causal)
     else:
-        dx, dw, db = ref.depthwise_conv1d_bwd(grad, x, weight, cu_seqlens, speech_mask, causal)
+        dx, dw, db = _backend.contiguous(ref.depthwise_conv1d_bwd(grad, x, weight, cu_seqlens, speech_mask, causal))
     return dx, dw.to(weight.dtype), db.to(weight.dtype)
 
 
 @_dwconv_backward_op.register_fake
 def _(grad, x, weight, cu_seqlens, speech_mask, causal):
-    return torch.empty_like(x), torch.empty_like(weight), x.new_empty(weight.shape[0], dtype=weight.dtype)
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), x.new_empty(weight.shape[0], dtype=weight.dtype)
 
 
 def _dwconv_setup_context(ctx, inputs, output):
@@ -485,8 +485,8 @@ def _check_conv_weight(w, name: str, channels: int, device: torch.device) -> tor
 def _check_flags(causal, eps=None) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0):
-        raise ValueError(f"eps must be a float > 0, got {eps!r}")
+    if eps is not None:
+        check_number(eps, "eps", "a float > 0", ok=lambda v: v > 0)
 
 
 def cgmlp_gate(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, conv_weight: torch.Tensor,

@@ -18,13 +18,12 @@ gradient, so the only chunk-sized buffers are the logits chunk (and, for KL, the
 ``ref.kl_logits_to_grad_``).
 """
 
-import math
 import os
 
 import torch
 
 from mdus_kernels import _backend
-from mdus_kernels._checks import FLOAT_DTYPES, check_tensor
+from mdus_kernels._checks import FLOAT_DTYPES, check_number, check_tensor
 from mdus_kernels.reference import linear_cross_entropy as ref
 from mdus_kernels.reference.linear_cross_entropy import REDUCTIONS
 
@@ -289,7 +288,7 @@ def _chunk_loop(hidden, weights, row_fn, row_scale, hidden_grad, weight_grad, ca
         bounds.append(bounds[-1] + b.shape[0])
     acc = _loss_dtype(hidden)
     losses = torch.empty(n, dtype=acc, device=hidden.device)
-    grad_h = torch.empty_like(hidden, dtype=acc) if hidden_grad else None
+    grad_h = hidden.new_empty(hidden.shape, dtype=acc) if hidden_grad else None
     grad_w = [torch.zeros(b.shape, dtype=acc, device=b.device) if g else None
               for b, g in zip(weights, weight_grad, strict=True)]
     compute_grad = hidden_grad or any(weight_grad)
@@ -367,15 +366,15 @@ def _fake_forward(hidden, weights, reduction, hidden_grad, weight_grad):
     eager_grads = reduction != "none"
     loss = hidden.new_empty((hidden.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(hidden))
     acc = _loss_dtype(hidden)
-    grad_h = torch.empty_like(hidden, dtype=acc) if hidden_grad and eager_grads else hidden.new_empty(0)
-    grad_w = [torch.empty_like(w, dtype=acc) if g and eager_grads else hidden.new_empty(0)
+    grad_h = hidden.new_empty(hidden.shape, dtype=acc) if hidden_grad and eager_grads else hidden.new_empty(0)
+    grad_w = [w.new_empty(w.shape, dtype=acc) if g and eager_grads else hidden.new_empty(0)
               for w, g in zip(weights, weight_grad, strict=True)]
     return loss, grad_h, grad_w
 
 
 def _fake_backward(hidden, weights, hidden_grad, weight_grad):
-    grad_h = torch.empty_like(hidden) if hidden_grad else hidden.new_empty(0)
-    return grad_h, [torch.empty_like(w) if g else hidden.new_empty(0) for w, g in zip(weights, weight_grad,
+    grad_h = hidden.new_empty(hidden.shape) if hidden_grad else hidden.new_empty(0)
+    return grad_h, [w.new_empty(w.shape) if g else hidden.new_empty(0) for w, g in zip(weights, weight_grad,
                                                                                        strict=True)]
 
 
@@ -402,6 +401,11 @@ def _scaled_or_recomputed(ctx, grad_loss, recompute):
     """Backward of both loss ops: scale the forward's gradients, or (reduction="none") recompute them."""
     if grad_loss is None:  # the loss itself received no gradient (grads are not materialized)
         return None, [None] * len(ctx.weight_grad)
+    if torch.is_grad_enabled():
+        # create_graph=True: the gradients come from the forward's chunks (or a recomputation outside autograd),
+        # so they carry no graph, and a second derivative through them would silently drop terms.
+        raise NotImplementedError("double backward (create_graph=True) through linear_cross_entropy / "
+                                  "linear_kl_div is not supported")
     if ctx.reduction == "none":
         grad_h, grad_w = recompute()
     else:
@@ -578,10 +582,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight, labels: torch.Tensor, *, 
         raise ValueError(f"labels must have N={hidden.shape[0]} entries (hidden.shape[0]), got {labels.shape[0]}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if logit_softcap is not None and not 0 < logit_softcap < math.inf:
-        raise ValueError(f"logit_softcap must be finite and > 0, or None, got {logit_softcap}")
+    check_number(ignore_index, "ignore_index", "an int", integer=True)
+    check_number(label_smoothing, "label_smoothing", "a number in [0, 1]", ok=lambda v: 0 <= v <= 1)
+    if logit_softcap is not None:
+        check_number(logit_softcap, "logit_softcap", "a finite number > 0, or None", ok=lambda v: v > 0)
     flags = _weight_flags(weights, weight_requires_grad)
     grad_on = torch.is_grad_enabled()
     loss, _, _ = torch.ops.mdus.linear_cross_entropy(
@@ -630,8 +634,7 @@ def linear_kl_div(student_hidden: torch.Tensor, student_weight, teacher_hidden: 
     check_tensor(mask, "mask", ndim=1, dtypes=(torch.bool,), device=student_hidden.device)
     if mask.shape[0] != n:
         raise ValueError(f"mask must have N={n} entries, got {mask.shape[0]}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_number(temperature, "temperature", "a finite number > 0", ok=lambda v: v > 0)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
     grad_on = torch.is_grad_enabled()

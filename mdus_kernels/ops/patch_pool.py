@@ -16,7 +16,7 @@ index tensor written in forward and held until backward.
 import torch
 
 from mdus_kernels import _backend
-from mdus_kernels._checks import FLOAT_DTYPES, check_offsets, check_offsets_values, check_tensor
+from mdus_kernels._checks import FLOAT_DTYPES, check_number, check_offsets, check_offsets_values, check_tensor
 from mdus_kernels.reference import patch_pool as ref
 from mdus_kernels.reference.patch_pool import REDUCES
 
@@ -158,7 +158,7 @@ def _patch_pool_op(x: torch.Tensor, offsets: torch.Tensor, reduce: str) -> torch
         return torch.ops.mdus.patch_pool_kernel(x, offsets, reduce)
     if backend == "triton":
         return patch_pool_fwd(x, offsets, reduce)
-    return ref.patch_pool(x, offsets, reduce)
+    return ref.patch_pool(x, offsets, reduce).contiguous()
 
 
 @_patch_pool_op.register_fake
@@ -175,7 +175,7 @@ def _patch_unpool_op(p: torch.Tensor, offsets: torch.Tensor, num_tokens: int, re
         return torch.ops.mdus.patch_unpool_kernel(p, offsets, num_tokens, reduce, x, pooled)
     if backend == "triton":
         return patch_unpool_fwd(p, offsets, num_tokens, reduce, x, pooled)
-    return ref.patch_unpool(p, offsets, num_tokens, reduce, x, pooled)
+    return ref.patch_unpool(p, offsets, num_tokens, reduce, x, pooled).contiguous()
 
 
 @_patch_unpool_op.register_fake
@@ -263,8 +263,9 @@ def patch_unpool(p: torch.Tensor, offsets: torch.Tensor, num_tokens: int | None 
                          f"(offsets.shape[0] - 1), got {p.shape[0]}")
     if num_tokens is None:
         num_tokens = int(offsets[-1])
-    elif num_tokens < 0:
-        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+    else:
+        check_number(num_tokens, "num_tokens", "an int >= 0 (the total token count) or None", integer=True,
+                     ok=lambda v: v >= 0)
     return torch.ops.mdus.patch_unpool(p, offsets, num_tokens, "sum", None, None)
 
 

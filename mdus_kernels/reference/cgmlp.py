@@ -219,9 +219,10 @@ def cgmlp_gate_fwd(x, norm_weight, norm_bias, conv_weight, conv_bias, cu_seqlens
     acc = acc_dtype(x.dtype)
     xr, xg = x.to(acc).chunk(2, dim=1)
     mean, rstd = _layer_norm_stats(xg, eps)
-    if speech_mask is not None:
-        mean, rstd = mean * speech_mask, rstd * speech_mask
-    h = (xg - mean.unsqueeze(1)) * rstd.unsqueeze(1) * norm_weight.to(acc) + norm_bias.to(acc)
+    if speech_mask is not None:  # (where, not a product: a text token's x_g is never read, even if inf or NaN)
+        mean, rstd = torch.where(speech_mask, mean, 0), torch.where(speech_mask, rstd, 0)
+    h = _mask_rows((xg - mean.unsqueeze(1)) * rstd.unsqueeze(1) * norm_weight.to(acc) + norm_bias.to(acc),
+                   speech_mask)
     lo, hi = segment_bounds(x.shape[0], cu_seqlens, speech_mask)
     z = _segment_conv(h, conv_weight.to(acc), conv_bias.to(acc), lo, hi, causal)
     return _mask_rows(xr * z, speech_mask).to(x.dtype), mean, rstd
@@ -240,12 +241,12 @@ def cgmlp_gate_bwd(grad, x, norm_weight, norm_bias, conv_weight, conv_bias, cu_s
     acc = acc_dtype(x.dtype)
     xr, xg = x.to(acc).chunk(2, dim=1)
     nw, cw = norm_weight.to(acc), conv_weight.to(acc)
-    xhat = (xg - mean.unsqueeze(1)) * rstd.unsqueeze(1)
-    h = xhat * nw + norm_bias.to(acc)
+    xhat = _mask_rows((xg - mean.unsqueeze(1)) * rstd.unsqueeze(1), speech_mask)
+    h = _mask_rows(xhat * nw + norm_bias.to(acc), speech_mask)
     lo, hi = segment_bounds(x.shape[0], cu_seqlens, speech_mask)
     g = _mask_rows(grad.to(acc), speech_mask)
     z = _segment_conv(h, cw, conv_bias.to(acc), lo, hi, causal)
-    dz = g * xr
+    dz = _mask_rows(g * xr, speech_mask)
     dh = _conv_transpose(dz, cw, lo, hi, causal)
     dxhat = dh * nw
     dxg = rstd.unsqueeze(1) * (dxhat - dxhat.mean(1, keepdim=True) - xhat * (dxhat * xhat).mean(1, keepdim=True))
