@@ -64,25 +64,32 @@ def parse_method(spec: str) -> tuple[str, str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from mdus.train import add_lr_arguments, add_speech_input_arguments, add_text_replay_arguments
+    from mdus.train import (
+        add_lr_arguments,
+        add_speech_input_arguments,
+        add_text_replay_arguments,
+        nonnegative_int,
+        positive_float,
+        positive_int,
+    )
 
     p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder")
-    p.add_argument("--budget-minutes", type=float, default=40.0, help="total time budget (default 40)")
+    p.add_argument("--budget-minutes", type=positive_float, default=40.0, help="total time budget (default 40)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="methods to train, METHOD or METHOD@ROUTE (e.g. dus-transformer@speech_only)")
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--n-train", type=int, default=1000, help="training utterances")
-    p.add_argument("--n-dev", type=int, default=20)
-    p.add_argument("--n-test", type=int, default=30)
-    p.add_argument("--max-words", type=int, default=10, help="longest sentence, in words")
-    p.add_argument("--max-vocab", type=int, default=600,
+    p.add_argument("--n-train", type=positive_int, default=1000, help="training utterances")
+    p.add_argument("--n-dev", type=positive_int, default=20)
+    p.add_argument("--n-test", type=positive_int, default=30)
+    p.add_argument("--max-words", type=positive_int, default=10, help="longest sentence, in words")
+    p.add_argument("--max-vocab", type=nonnegative_int, default=600,
                    help="sentences made of the N most frequent words only (0: any fortunes sentence)")
     # Measured (README), the whole demo each time: with log-mel features, 200 k-means units or k-means units of a CTC
     # encoder, no method learns to transcribe in the CPU budget (WER 1.0-1.7, test transcript loss 2.5-3.0); with the
     # CTC encoder's character posteriors every method does (WER 0.62-0.80, transcript loss 1.79-2.00).
     add_speech_input_arguments(p, default="ctc-chars")
-    p.add_argument("--max-tokens", type=int, default=512, help="tokens per packed batch")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest transcript decoded")
+    p.add_argument("--max-tokens", type=positive_int, default=512, help="tokens per packed batch")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, help="longest transcript decoded")
     # The same rates and replay for every method. Measured (README), 276 steps each: at 1e-3 every method but full
     # fine-tuning (a tie) transcribes better than at the paper's 1e-4; with text replay the up-scaled models keep the
     # text while full fine-tuning does not (KL ~0.5 whatever the weight); at weight 16 the up-scaled models drift 2-15x
@@ -126,7 +133,6 @@ def run(args: argparse.Namespace) -> int:
     from mdus.data.readers import read_manifest
     from mdus.data.synth import synthesize
     from mdus.models import load_base
-    from mdus.speech import load_tokenizer
 
     try:
         specs = [parse_method(m) for m in args.methods]
@@ -171,15 +177,16 @@ def run(args: argparse.Namespace) -> int:
 
     tok_dir = out / "tokenizer"
     read = {}  # split -> its (utterance, waveform) pairs, where they are read here already
-    if (tok_dir / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(tok_dir)
-    else:
-        utterances = read["train"] = list(AudioStream(read_manifest(manifests["train"])))
-        tokenizer = T.fit_speech_input(args.speech_input, [w for _, w in utterances], units=args.units,
-                                       frame_rate=args.frame_rate, seed=args.seed, save_to=tok_dir,
-                                       texts=[u.text for u, _ in utterances], ctc_epochs=args.ctc_epochs,
-                                       device=device, progress=progress)
-        tokenizer.save(tok_dir)
+    try:
+        tokenizer, utterances = T.speech_input_in(
+            tok_dir, lambda: list(AudioStream(read_manifest(manifests["train"]))), args.speech_input,
+            units=args.units, frame_rate=args.frame_rate, seed=args.seed, ctc_epochs=args.ctc_epochs, device=device,
+            progress=progress)
+    except ValueError as e:
+        print(f"mdus demo: {e}")
+        return 2
+    if utterances is not None:
+        read["train"] = utterances
     if args.speech_input.startswith("ctc-") and not (tok_dir / "encoder_test.json").is_file():
         # What the speech input can carry: the CTC encoder's own transcription of the test split.
         ctc = tokenizer.encoder if args.speech_input == "ctc-chars" else tokenizer.features
@@ -316,7 +323,7 @@ def write_report(out: Path, results: dict, args) -> None:
         rows.append(f"| {m} | {r['trainable_params']:,} | {r['wer']:.3f}{_interval(r.get('wer_ci'))} | {r['cer']:.3f} "
                     f"| {r['test_loss']:.3f} "
                     f"| {r['text_ppl']:.2f} ({r['text_ppl_base']:.2f}) | {r['text_kl']:.4f} | {agree} "
-                    f"| {r.get('transcript_kl', math.nan):.4f} | {r['steps']} |")
+                    f"| {r.get('transcript_kl') or math.nan:.4f} | {r['steps']} |")
     plots = _plots(out, results)
     n_scored = next(iter(results.values()), {}).get("utterances", args.n_test)  # the readable ones
     lines = ["# mdus demo report", "",

@@ -260,7 +260,8 @@ def evaluate_model(lm, base, test_items, text_tokenizer, *, general=None, device
 
     ``device`` defaults to that of ``lm``'s parameters. Returns ``{"wer", "cer", "wer_ci", "cer_ci", "text_ppl",
     "text_ppl_base", "text_kl", "greedy_agreement", "transcript_ppl", "transcript_ppl_base", "transcript_kl",
-    "examples"}``, ``examples`` being the first five ``{"ref", "hyp"}`` pairs and ``greedy_agreement`` None when
+    "examples"}``, ``examples`` being the first five ``{"ref", "hyp"}`` pairs (the ``transcript_*``, and without
+    ``general`` the ``text_*``, are None when every reference is a single token) and ``greedy_agreement`` None when
     ``n_continuations`` is 0.
     """
     if not test_items:
@@ -276,16 +277,20 @@ def evaluate_model(lm, base, test_items, text_tokenizer, *, general=None, device
     def degradation(texts, continuations):
         ids = [torch.tensor(text_tokenizer(t, add_special_tokens=False).input_ids[:max_text_tokens],
                             dtype=torch.long, device=device) for t in texts]
+        if not any(t.numel() >= 2 for t in ids):
+            return {}  # nothing to score: every text is a single token (command words, digits)
         prompts = [t[: min(16, max(2, t.numel() // 2))] for t in ids[:continuations]]
         return text_degradation(lm, base, ids, continuation_prompts=prompts)
 
     # The transcripts were never trained on, but they are the training domain.
     in_domain = degradation(refs, 0 if general is not None else n_continuations)
     deg = degradation(general, n_continuations) if general is not None else in_domain
+    if general is not None and not deg:
+        raise ValueError("evaluate_model: general holds no text of two or more tokens")
     return {"wer": rates["wer"], "cer": rates["cer"], "wer_ci": rates["wer_ci"], "cer_ci": rates["cer_ci"],
-            "text_ppl": deg["text_ppl"], "text_ppl_base": deg["text_ppl_base"], "text_kl": deg["text_kl"],
-            "greedy_agreement": deg.get("greedy_agreement"), "transcript_ppl": in_domain["text_ppl"],
-            "transcript_ppl_base": in_domain["text_ppl_base"], "transcript_kl": in_domain["text_kl"],
+            "text_ppl": deg.get("text_ppl"), "text_ppl_base": deg.get("text_ppl_base"), "text_kl": deg.get("text_kl"),
+            "greedy_agreement": deg.get("greedy_agreement"), "transcript_ppl": in_domain.get("text_ppl"),
+            "transcript_ppl_base": in_domain.get("text_ppl_base"), "transcript_kl": in_domain.get("text_kl"),
             "examples": [{"ref": r, "hyp": h} for r, h in list(zip(refs, hyps, strict=True))[:5]]}
 
 
@@ -293,6 +298,8 @@ def evaluate_model(lm, base, test_items, text_tokenizer, *, general=None, device
 
 
 def add_arguments(p) -> None:
+    from mdus.train import nonnegative_int, positive_int
+
     p.add_argument("--run", type=Path, default=None,
                    help="training run folder (what `mdus train --out RUN` wrote)")
     p.add_argument("--weights", type=Path, default=None, help="trained tensors (default RUN/trainable.safetensors)")
@@ -302,9 +309,9 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default=None,
                    help="base model the run was trained from (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="longest transcript decoded (tokens)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="longest transcript decoded (tokens)")
     p.add_argument("--out", type=Path, default=None, help="also write the metrics JSON to this file")
-    p.add_argument("--general-passages", type=int, default=40, metavar="N",
+    p.add_argument("--general-passages", type=nonnegative_int, default=40, metavar="N",
                    help="general English passages for text degradation: fortunes the corpus (DATA/train.jsonl) "
                         "never spoke (default 40; 0: the test transcripts only; `mdus train --text-kl` replays "
                         "the others, so more than 40 would score passages a replayed run trained on)")
@@ -374,6 +381,15 @@ def run(args) -> int:
               f"{args.model or 'default'}): {_first_line(exc)}")
         return 2
     lm.to(device).eval()
+    from mdus.data.readers import read_manifest
+
+    train = args.data / "train.jsonl"
+    try:  # every line up front: a malformed one is named before anything is decoded
+        list(read_manifest(manifest))
+        spoken = [u.text for u in read_manifest(train)] if train.is_file() else []
+    except ValueError as exc:
+        print(f"mdus eval: {exc}")
+        return 2
     items, seqs = sequences_from_manifest(manifest, speech_tok, text_tok, progress=progress)
     if not items:
         print(f"mdus eval: --data/--split: {manifest} has no readable utterance")
@@ -384,10 +400,6 @@ def run(args) -> int:
         return 2
     general = None
     if args.general_passages > 0:
-        from mdus.data.readers import read_manifest
-
-        train = args.data / "train.jsonl"
-        spoken = [u.text for u in read_manifest(train)] if train.is_file() else []
         try:
             general = general_text(spoken, n=args.general_passages)
         except FileNotFoundError as exc:

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import random
+import shutil
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -165,6 +167,36 @@ def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float,
             return CTCPosteriorFrontEnd(encoder)
         return KMeansTokenizer(units, features=encoder, frame_rate=frame_rate, seed=seed).fit(waves)
     raise ValueError(f"speech_input must be one of {', '.join(SPEECH_INPUTS)}, got {speech_input!r}")
+
+
+def speech_input_in(tok_dir: Path, read_utterances: Callable[[], list], speech_input: str, **fit_kwargs):
+    """(speech tokenizer, the training utterances if they were read): the one saved in ``tok_dir``, or one fit by
+    ``fit_speech_input(speech_input, ...)`` on ``read_utterances()`` ((utterance, waveform) pairs) and saved there.
+    The fit is written to ``<tok_dir>.partial`` and renamed into place, so a run killed while fitting or saving
+    leaves no half-written tokenizer behind (the next run fits again). Raises ValueError naming the folder when it
+    holds something else or a tokenizer that does not load."""
+    from mdus.speech import load_tokenizer
+
+    if (tok_dir / "tokenizer.json").is_file():
+        try:
+            return load_tokenizer(tok_dir), None
+        except Exception as exc:
+            raise ValueError(f"the speech tokenizer in {tok_dir} does not load ({type(exc).__name__}: {exc}): delete "
+                             "the folder to fit a new one") from None
+    if tok_dir.exists() and any(tok_dir.iterdir()):
+        raise ValueError(f"{tok_dir} is not empty but holds no speech tokenizer (tokenizer.json): delete it or "
+                         "choose another folder")
+    utterances = read_utterances()
+    partial = tok_dir.with_name(tok_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while fitting
+    tokenizer = fit_speech_input(speech_input, [w for _, w in utterances], texts=[u.text for u, _ in utterances],
+                                 save_to=partial, **fit_kwargs)
+    tokenizer.save(partial)
+    if tok_dir.exists():
+        tok_dir.rmdir()  # empty (checked above)
+    partial.rename(tok_dir)
+    # Reloaded from its final place, as every later run (a resume) will load it: what it refers to is found there.
+    return load_tokenizer(tok_dir), utterances
 
 
 def collate(seqs: Sequence[tuple], device) -> dict:
@@ -338,16 +370,46 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def load_checkpoint(path: Path, lm: SpeechLM, opt, sched, cfg: TrainConfig | None = None) -> dict:
-    """Restores ``lm``'s trainable tensors, the optimizer, the schedule and the RNGs; returns the loop state. With
-    ``cfg``, raises first if the checkpoint's run used another recipe (``RESUME_MAY_CHANGE`` may differ)."""
+def data_fingerprint(seqs) -> str:
+    """A hash of training sequences (every tensor of every ``make_sequence`` result, in order): a resumed run
+    must see the data the interrupted one saw."""
+    h = hashlib.sha256()
+    for seq in seqs:
+        for t in seq if isinstance(seq, (tuple, list)) else (seq,):
+            if isinstance(t, torch.Tensor):
+                h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_checkpoint(path: Path, lm: SpeechLM, opt, sched, cfg: TrainConfig | None = None,
+                    data: str | None = None) -> dict:
+    """Restores ``lm``'s trainable tensors, the optimizer, the schedule and the RNGs; returns the loop state.
+    Raises ``ResumeMismatch`` first, changing nothing, if the checkpoint was written for another model (method,
+    blocks, placement, route, speech vocabulary: ``lm.config``), with ``cfg`` under another recipe
+    (``RESUME_MAY_CHANGE`` may differ), or with ``data`` (``data_fingerprint``) on other training data."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    saved_model, now_model = ckpt.get("config"), json.loads(json.dumps(asdict(lm.config)))
+    if saved_model is not None:
+        saved_model = json.loads(json.dumps(saved_model))
+        changed = [f"{k}: {saved_model.get(k)!r} -> {v!r}" for k, v in now_model.items() if saved_model.get(k) != v]
+        if changed:
+            raise ResumeMismatch(f"checkpoint {path} was written for another model ({'; '.join(changed)}): resume "
+                                 "with the original method and model options, or start a new run in another folder")
     if cfg is not None:
         _check_resumed_config(path, ckpt.get("train_config"), cfg)
-    params = dict(lm.named_parameters())
-    missing = sorted(set(lm.trainable_state_dict()) - set(ckpt["trainable"]))
-    if missing:
-        raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:5]}")
+    saved_data = ckpt["state"].get("data")
+    if data is not None and saved_data is not None and saved_data != data:
+        raise ResumeMismatch(f"checkpoint {path} was written by a run on other training data (a different corpus, "
+                             "speech input or tokenizer): resume on the same data, or start a new run in another "
+                             "folder")
+    params, expected = dict(lm.named_parameters()), lm.trainable_state_dict()
+    missing, unexpected = sorted(set(expected) - set(ckpt["trainable"])), sorted(set(ckpt["trainable"]) - set(expected))
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(expected[k].shape)}" for k, v in ckpt["trainable"].items()
+             if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ResumeMismatch(f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}, other shapes {wrong[:5]}")
     with torch.no_grad():
         for name, value in ckpt["trainable"].items():
             params[name].copy_(value)
@@ -446,6 +508,12 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
             raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.eval_every < 0:
         raise ValueError(f"TrainConfig.eval_every must be >= 0 (0: no dev loss), got {cfg.eval_every}")
+    for name in ("lr", "speech_lr", "budget_minutes"):
+        value = getattr(cfg, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {value}")
+    if cfg.text_kl > 0 and cfg.text_kl_passages < 1:
+        raise ValueError(f"TrainConfig.text_kl_passages must be >= 1 with text_kl > 0, got {cfg.text_kl_passages}")
     if cfg.text_kl < 0 or (cfg.text_kl > 0 and replay is None):
         raise ValueError(f"TrainConfig.text_kl={cfg.text_kl}: must be >= 0, and > 0 needs replay (a TextReplay)")
     if cfg.text_kl > 0:
@@ -454,11 +522,13 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     lengths = [s[0].shape[0] for s in train_seqs]
-    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "elapsed_s": 0.0}
+    state = {"step": 0, "epoch": 0, "batch": 0, "tokens": 0, "elapsed_s": 0.0, "data": data_fingerprint(train_seqs)}
     if resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
-        state = load_checkpoint(ckpt_path, lm, opt, sched, cfg)
+        data = state["data"]
+        state = load_checkpoint(ckpt_path, lm, opt, sched, cfg, data=data)
+        state.setdefault("data", data)  # a checkpoint from before the data was fingerprinted
         # Metrics of steps after the checkpoint were never confirmed by one: drop them, they will be redone (as is
         # a line cut short by the kill).
         if metrics_path.is_file():
@@ -518,7 +588,8 @@ def train(lm: SpeechLM, train_seqs, dev_seqs, cfg: TrainConfig, out_dir: str | P
                 status = stop.signal
                 break
     bar.close()
-    return {"status": status, **state, "last": last, "checkpoint": str(ckpt_path), "metrics": str(metrics_path)}
+    return {"status": status, **{k: v for k, v in state.items() if k != "data"}, "last": last,
+            "checkpoint": str(ckpt_path), "metrics": str(metrics_path)}
 
 
 def _json_or_none(line: str) -> dict | None:
@@ -562,10 +633,10 @@ def sequences_from_manifest(manifest, speech_tokenizer, text_tokenizer, *, progr
 def add_lr_arguments(p, *, lr: float = 1e-4) -> None:
     """``--lr`` (default ``lr``) and ``--speech-lr`` (``TrainConfig.lr`` / ``speech_lr``), shared by ``mdus train``
     and ``mdus demo``."""
-    p.add_argument("--lr", type=float, default=lr,
+    p.add_argument("--lr", type=nonnegative_float, default=lr,
                    help=f"peak learning rate of what text passes through: inserted blocks, LoRA adapters, full "
                         f"fine-tuning's weights (default {lr:g}; the paper's is 1e-4)")
-    p.add_argument("--speech-lr", type=float, default=2e-3,
+    p.add_argument("--speech-lr", type=nonnegative_float, default=2e-3,
                    help="peak learning rate of the speech embeddings and front end, which every method trains from "
                         "scratch (default 2e-3)")
 
@@ -573,11 +644,11 @@ def add_lr_arguments(p, *, lr: float = 1e-4) -> None:
 def add_text_replay_arguments(p, *, default: float, passages: int = 4) -> None:
     """``--text-kl`` and ``--text-kl-passages`` (``TrainConfig.text_kl`` / ``text_kl_passages``, ``TextReplay``),
     shared by ``mdus train`` and ``mdus demo``."""
-    p.add_argument("--text-kl", type=float, default=default, metavar="W",
+    p.add_argument("--text-kl", type=nonnegative_float, default=default, metavar="W",
                    help=f"text replay against forgetting: add W x KL(base || model) on general-text passages "
                         f"(fortunes the corpus never spoke, except those the evaluation holds out) to every step's "
                         f"loss (default {default:g}; 0: off)")
-    p.add_argument("--text-kl-passages", type=int, default=passages,
+    p.add_argument("--text-kl-passages", type=positive_int, default=passages,
                    help=f"text replay passages per micro-batch (default {passages})")
 
 
@@ -589,9 +660,10 @@ def add_speech_input_arguments(p, *, default: str) -> None:
                         f"subsampler (features), or, from a CTC speech encoder trained on the training split first, "
                         f"k-means units of its last layer (ctc-units) or its character posteriors (ctc-chars); "
                         f"default {default}")
-    p.add_argument("--ctc-epochs", type=int, default=12, help="epochs of the CTC speech encoder (ctc-units, ctc-chars)")
-    p.add_argument("--units", type=int, default=200, help="k-means speech units (units, ctc-units)")
-    p.add_argument("--frame-rate", type=float, default=25.0,
+    p.add_argument("--ctc-epochs", type=positive_int, default=12,
+                   help="epochs of the CTC speech encoder (ctc-units, ctc-chars)")
+    p.add_argument("--units", type=positive_int, default=200, help="k-means speech units (units, ctc-units)")
+    p.add_argument("--frame-rate", type=positive_float, default=25.0,
                    help="speech positions per second of units and features (for features 100 / rate must be an "
                         "even integer: 50, 25, 12.5, ...)")
 
@@ -612,6 +684,25 @@ def _int_at_least(low: int):
 
 
 positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
+
+
+def _float_above(low: float, *, inclusive: bool):
+    """An argparse type: a finite float > ``low`` (>= with ``inclusive``)."""
+
+    def parse(value: str) -> float:
+        try:
+            x = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if not math.isfinite(x) or x < low or (x == low and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>=' if inclusive else '>'} {low:g}, got "
+                                             f"{value}")
+        return x
+
+    return parse
+
+
+nonnegative_float, positive_float = _float_above(0.0, inclusive=True), _float_above(0.0, inclusive=False)
 
 
 def _placement(value: str) -> str | list[int]:
@@ -636,14 +727,14 @@ def add_arguments(p) -> None:
                    help="dus-*: where the new blocks go: interleaved (best ASR), sandwich, top (keeps most text "
                         "ability), middle, bottom, or comma-separated positions (original layers before each block, "
                         "e.g. 10,20,30); default interleaved")
-    p.add_argument("--n-insert", type=int, default=None,
+    p.add_argument("--n-insert", type=nonnegative_int, default=None,
                    help="dus-*: number of new blocks (default 25%% of the depth; with positions: their count)")
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="speech tokenizer folder; fit on the training audio and saved there when absent "
                         "(default OUT/tokenizer)")
     add_speech_input_arguments(p, default="units")
-    p.add_argument("--lora-params", type=int, default=None, help="lora: match this trainable-parameter count")
+    p.add_argument("--lora-params", type=positive_int, default=None, help="lora: match this trainable-parameter count")
     p.add_argument("--max-steps", type=positive_int, default=200)
     add_lr_arguments(p)
     p.add_argument("--max-tokens", type=positive_int, default=1024)
@@ -651,7 +742,7 @@ def add_arguments(p) -> None:
     p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--eval-every", type=nonnegative_int, default=50, help="steps between dev losses (0: none)")
     p.add_argument("--save-every", type=positive_int, default=50)
-    p.add_argument("--budget-minutes", type=float, default=None)
+    p.add_argument("--budget-minutes", type=nonnegative_float, default=None)
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt, bit-exactly (with the same settings; only --eval-every, "
                         "--save-every, --budget-minutes and --no-progress may change)")
@@ -663,7 +754,6 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     """Train one method on a corpus (speech units -> transcript); --resume continues a stopped run exactly."""
     from mdus.models import load_base
-    from mdus.speech import load_tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     manifests = {s: args.data / f"{s}.jsonl" for s in ("train", "dev")}
@@ -677,6 +767,18 @@ def run(args) -> int:
     if args.resume and not (args.out / "checkpoint.pt").is_file():
         print(f"mdus train --resume: no checkpoint at {args.out / 'checkpoint.pt'}")
         return 2
+    from mdus.data.readers import read_manifest, transcript_issues
+
+    try:  # every line up front: a malformed one stops the run before anything is fitted or trained
+        listed = {s: list(read_manifest(m)) for s, m in manifests.items() if m.is_file()}
+    except ValueError as exc:
+        print(f"mdus train: {exc}")
+        return 2
+    issues = transcript_issues(listed["train"])
+    if any(issues.values()):
+        print(f"mdus train: {manifests['train']} holds {issues['empty']} empty transcripts (trained as speech -> end "
+              f"of text) and {issues['duplicates']} duplicate utterances (trained twice as often); see `mdus data "
+              "check`")
     try:
         if args.speech_input == "features":
             feature_stride(args.frame_rate)
@@ -693,34 +795,36 @@ def run(args) -> int:
             print(f"mdus train: {exc}")
             return 2
     tok_dir = args.tokenizer or args.out / "tokenizer"
-    utterances = None  # the training audio, when it is read here to fit the speech input
-    if (tok_dir / "tokenizer.json").is_file():
-        speech_tok = load_tokenizer(tok_dir)
-        if not args.resume and args.tokenizer is None:
-            print(f"mdus train: using the speech tokenizer an earlier run fitted in {tok_dir} (--speech-input, "
-                  f"--units and --frame-rate do not apply; delete it to fit a new one)")
-        from mdus.speech.unit_files import UnitFileTokenizer
+    if args.resume and not (tok_dir / "tokenizer.json").is_file():
+        print(f"mdus train --resume: the run's speech tokenizer {tok_dir} is missing")
+        return 2
+    fitted = not (tok_dir / "tokenizer.json").is_file()
 
-        if isinstance(speech_tok, UnitFileTokenizer):
-            print(f"mdus train: {tok_dir} holds a unit-file tokenizer, which reads precomputed unit files, not "
-                  f"audio; mdus train reads audio (train on such units with mdus.train.train)")
-            return 2
-    else:
-        if args.resume:
-            print(f"mdus train --resume: the run's speech tokenizer {tok_dir} is missing")
-            return 2
+    def read_training_audio():
         from mdus.data.audio import AudioStream
-        from mdus.data.readers import read_manifest
 
-        utterances = list(AudioStream(read_manifest(manifests["train"])))
+        utterances = list(AudioStream(listed["train"]))
         if not utterances:
-            print(f"mdus train: {manifests['train']} has no readable utterance (see `mdus data check`)")
-            return 2
-        speech_tok = fit_speech_input(args.speech_input, [w for _, w in utterances], units=args.units,
-                                      frame_rate=args.frame_rate, seed=args.seed, texts=[u.text for u, _ in utterances],
-                                      save_to=tok_dir, ctc_epochs=args.ctc_epochs, device=device,
-                                      progress=not args.no_progress)
-        speech_tok.save(tok_dir)
+            raise ValueError(f"{manifests['train']} has no readable utterance (see `mdus data check`)")
+        return utterances
+
+    try:
+        speech_tok, utterances = speech_input_in(tok_dir, read_training_audio, args.speech_input, units=args.units,
+                                                 frame_rate=args.frame_rate, seed=args.seed,
+                                                 ctc_epochs=args.ctc_epochs, device=device,
+                                                 progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"mdus train: {exc}")
+        return 2
+    if not fitted and args.tokenizer is None:
+        print(f"mdus train: using the speech tokenizer {'of the run' if args.resume else 'an earlier run fitted'} in "
+              f"{tok_dir} (--speech-input, --units and --frame-rate do not apply; delete it to fit a new one)")
+    from mdus.speech.unit_files import UnitFileTokenizer
+
+    if isinstance(speech_tok, UnitFileTokenizer):
+        print(f"mdus train: {tok_dir} holds a unit-file tokenizer, which reads precomputed unit files, not "
+              f"audio; mdus train reads audio (train on such units with mdus.train.train)")
+        return 2
     progress = not args.no_progress
     _, train_seqs = sequences_from_manifest(manifests["train"], speech_tok, text_tok, progress=progress,
                                             audio=utterances)
@@ -744,11 +848,9 @@ def run(args) -> int:
               f"the frozen base's")
     replay = None
     if cfg.text_kl > 0:
-        from mdus.data.readers import read_manifest
-
         # Every manifest sentence (not only those with readable audio) and seed 0, as `mdus eval` takes them: the
         # replay then leaves out exactly the passages the evaluation holds out.
-        spoken = [u.text for u in read_manifest(manifests["train"])]
+        spoken = [u.text for u in listed["train"]]
         replay = general_text_replay(spoken, text_tok, args.model, device=device)
     try:
         summary = train(lm, train_seqs, dev_seqs, cfg, args.out, resume=args.resume, device=device, replay=replay)

@@ -123,6 +123,24 @@ def test_evaluate_model_general_text():
         E.evaluate_model(lm, ref, items, TOK, general=["  "], progress=False)
 
 
+def test_evaluate_model_single_token_transcripts():
+    """Command words and digits are one token each: WER and CER are reported, and what cannot be scored as text
+    (a single token has no next-token loss) is None, not an error after the whole split was decoded."""
+    lm, ref = upscaled(perturb=0.3)
+    items = []
+    for i, (utt, units, _) in enumerate(make_items(3)):
+        text = "abc"[i]
+        assert len(TOK(text, add_special_tokens=False).input_ids) == 1
+        items.append((Utterance(audio_path=utt.audio_path, text=text, speaker="s"), units,
+                      torch.tensor(TOK(text, add_special_tokens=False).input_ids)))
+    out = E.evaluate_model(lm, ref, items, TOK, max_new_tokens=3, n_continuations=2, progress=False)
+    assert 0 <= out["wer"] and out["transcript_kl"] is None and out["text_kl"] is None
+    with_general = E.evaluate_model(lm, ref, items, TOK, general=GENERAL, max_new_tokens=3, progress=False)
+    assert with_general["transcript_kl"] is None and with_general["text_kl"] > 0
+    with pytest.raises(ValueError, match="general holds no text of two or more tokens"):
+        E.evaluate_model(lm, ref, items, TOK, general=["a"], progress=False)
+
+
 def test_evaluate_model_identity_at_init():
     lm, ref = upscaled()
     out = E.evaluate_model(lm, ref, make_items(3), TOK, device="cpu", max_new_tokens=4, progress=False)

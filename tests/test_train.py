@@ -128,6 +128,32 @@ def test_budget_and_errors(tmp_path):
             T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(**bad), tmp_path / "bad")
     with pytest.raises(ValueError, match="method must be one of"):
         T.build_method(LlamaForCausalLM(CONFIG), "prefix-tuning", speech_vocab_size=4)
+    for bad in (dict(lr=-1.0), dict(speech_lr=float("nan")), dict(budget_minutes=-1.0)):
+        with pytest.raises(ValueError, match=f"TrainConfig.{next(iter(bad))} must be a finite number >= 0"):
+            T.train(_model("dus-transformer"), _seqs(10, 0), [], _cfg(**bad), tmp_path / "bad")
+
+
+def test_resume_refuses_another_model_or_data(tmp_path):
+    """A resume continues the run it resumes: another method, block count, route or training set raises
+    ResumeMismatch naming what changed, before anything is loaded."""
+    data = _seqs(10, 0)
+    T.train(_model("dus-transformer"), data, [], _cfg(budget_minutes=0.0), tmp_path)
+
+    def other(method="dus-transformer", **kw):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(CONFIG)
+        cfg = dict(cgmlp_units=16, cgmlp_kernel=3, merge_kernel=3) if method == "dus-ebranchformer" else None
+        return T.build_method(base, method, speech_vocab_size=12, block_config=cfg, **kw)
+
+    for lm, message in ((other("dus-ebranchformer"), r"another model \(block: 'transformer' -> 'ebranchformer'"),
+                        (other(n_insert=2), r"another model \(positions: \[4\] -> \[2, 4\]\)"),
+                        (other(route="speech_only"), r"another model \(route: 'all' -> 'speech_only'\)"),
+                        (other("lora"), r"another model \(method: 'dus' -> 'lora'")):
+        with pytest.raises(T.ResumeMismatch, match=message):
+            T.train(lm, data, [], _cfg(), tmp_path, resume=True)
+    with pytest.raises(T.ResumeMismatch, match="other training data"):
+        T.train(_model("dus-transformer"), _seqs(10, 5), [], _cfg(), tmp_path, resume=True)
+    assert T.train(_model("dus-transformer"), data, [], _cfg(), tmp_path, resume=True)["status"] == "done"
 
 
 def test_packing():
@@ -262,3 +288,41 @@ def test_text_replay_errors(tmp_path):
         T.train(_model("lora"), _seqs(4, 0), [], _cfg(text_kl=1.0), tmp_path)
     with pytest.raises(ValueError, match="2 or more tokens"):
         T.TextReplay(_base(), [torch.tensor([5])])
+
+
+def test_speech_input_in_never_leaves_a_half_written_tokenizer(tmp_path, monkeypatch):
+    """The tokenizer is fit into <dir>.partial and renamed into place: a run killed while saving leaves no
+    tokenizer (the next run fits again), and a tokenizer that does not load is named with what to do."""
+    from collections import namedtuple
+
+    from mdus.speech import KMeansTokenizer
+
+    utt = namedtuple("utt", "text")
+    g = torch.Generator().manual_seed(0)
+    audio = [(utt(f"u{i}"), torch.randn(4000 + 800 * i, generator=g) * 0.1) for i in range(4)]
+    tok_dir = tmp_path / "tokenizer"
+    fit = dict(units=3, frame_rate=25.0, seed=0)
+    real_save = KMeansTokenizer.save
+
+    def killed(self, path):
+        real_save(self, path)
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(KMeansTokenizer, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        T.speech_input_in(tok_dir, lambda: audio, "units", **fit)
+    assert not tok_dir.exists() and (tmp_path / "tokenizer.partial").is_dir()
+    monkeypatch.setattr(KMeansTokenizer, "save", real_save)
+    tok, read = T.speech_input_in(tok_dir, lambda: audio, "units", **fit)
+    assert read is audio and (tok_dir / "tokenizer.json").is_file() and not (tmp_path / "tokenizer.partial").exists()
+    again, read = T.speech_input_in(tok_dir, lambda: pytest.fail("read again"), "units", **fit)
+    assert read is None and torch.equal(again.encode(audio[0][1]), tok.encode(audio[0][1]))
+    for f in tok_dir.iterdir():
+        if f.suffix == ".safetensors":
+            f.write_bytes(b"\0\0\0")  # a tokenizer written by a version without the rename, cut short
+    with pytest.raises(ValueError, match=f"the speech tokenizer in {tok_dir} does not load .*delete the folder"):
+        T.speech_input_in(tok_dir, lambda: audio, "units", **fit)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="is not empty but holds no speech tokenizer"):
+        T.speech_input_in(tmp_path / "other", lambda: audio, "units", **fit)

@@ -78,6 +78,20 @@ def test_train_cli_missing_corpus(tmp_path):
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
 
 
+def test_train_cli_malformed_manifest_and_transcript_issues(tmp_path, capsys):
+    """A malformed manifest line is named in one line (exit 2) before anything is fitted; empty transcripts and
+    duplicate lines are counted by `mdus data check`."""
+    (tmp_path / "train.jsonl").write_text('{"audio": "a.wav", "text": "hi"}\n{"audio": "b.wav"}\n')
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "train.jsonl:2: expected an object with string 'audio' and 'text'" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "tokenizer").exists()
+    rows = ['{"audio": "a.wav", "text": "hi"}', '{"audio": "b.wav", "text": "  "}', '{"audio": "a.wav", "text": "hi"}']
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    main(["data", "check", str(tmp_path / "train.jsonl")])
+    out = capsys.readouterr().out
+    assert "empty transcripts: 1" in out and "duplicates (same audio and transcript): 1" in out
+
+
 def test_demo_end_to_end_and_rerun_after_interrupt(tiny_setup, monkeypatch, capsys):
     """`mdus demo` on a tiny model, with text replay: a SIGTERM mid-training saves and exits 130; the same command
     then resumes that method from its checkpoint with its saved schedule, finishes and writes the report; a third

@@ -81,7 +81,7 @@ def _synth(args) -> int:
 
 def _check(args) -> int:
     from mdus.data.audio import AudioStream
-    from mdus.data.readers import read_corpus
+    from mdus.data.readers import read_corpus, transcript_issues
 
     try:
         utts = list(read_corpus(args.corpus))
@@ -98,6 +98,9 @@ def _check(args) -> int:
     print(f"loaded: {stream.loaded} ({stream.seconds / 3600:.3f} h at {args.sample_rate} Hz)")
     print(f"skipped: {stream.n_skipped}" + "".join(f"\n  {r}: {n}" for r, n in sorted(stream.skipped.items())))
     print("fixed: " + (", ".join(f"{k}: {n}" for k, n in sorted(stream.fixed.items())) or "none"))
+    issues = transcript_issues(utts)
+    print(f"empty transcripts: {issues['empty']}")
+    print(f"duplicates (same audio and transcript): {issues['duplicates']}")
     print(f"duration mismatches (> {args.tolerance} s): {len(mismatched)}")
     for path, want, got in mismatched[:10]:
         print(f"  {path}: manifest {want:.3f} s, audio {got:.3f} s")

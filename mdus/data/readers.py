@@ -92,6 +92,19 @@ def read_manifest(path) -> Iterator[Utterance]:
                         duration=duration)
 
 
+def transcript_issues(utterances) -> dict[str, int]:
+    """Counts of what a corpus may hold by mistake and readers keep: ``empty`` transcripts (blank after
+    stripping; such an utterance trains speech -> end of text) and ``duplicates`` (the same audio file and
+    transcript again)."""
+    seen, duplicates, empty = set(), 0, 0
+    for u in utterances:
+        key = (str(u.audio_path), u.text)
+        duplicates += key in seen
+        seen.add(key)
+        empty += not u.text.strip()
+    return {"empty": empty, "duplicates": duplicates}
+
+
 def write_manifest(utterances, path, *, relative: bool = True) -> Path:
     """Write ``utterances`` as a JSONL manifest (paths relative to its folder when ``relative``); returns the path."""
     path = Path(path)
