@@ -173,15 +173,14 @@ def run(args: argparse.Namespace) -> int:
                            max_words=args.max_words, max_vocab=args.max_vocab or None, progress=progress)
 
     print(f"[2/5] speech input: {_speech_input(args)}")
-    from mdus.data.audio import AudioStream
 
     tok_dir = out / "tokenizer"
     read = {}  # split -> its (utterance, waveform) pairs, where they are read here already
+    train_audio = lambda: T.read_audio(list(read_manifest(manifests["train"])), progress=progress)  # noqa: E731
     try:
         tokenizer, utterances = T.speech_input_in(
-            tok_dir, lambda: list(AudioStream(read_manifest(manifests["train"]))), args.speech_input,
-            units=args.units, frame_rate=args.frame_rate, seed=args.seed, ctc_epochs=args.ctc_epochs, device=device,
-            progress=progress)
+            tok_dir, train_audio, args.speech_input, units=args.units, frame_rate=args.frame_rate, seed=args.seed,
+            ctc_epochs=args.ctc_epochs, device=device, progress=progress)
     except ValueError as e:
         print(f"mdus demo: {e}")
         return 2
@@ -190,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     if args.speech_input.startswith("ctc-") and not (tok_dir / "encoder_test.json").is_file():
         # What the speech input can carry: the CTC encoder's own transcription of the test split.
         ctc = tokenizer.encoder if args.speech_input == "ctc-chars" else tokenizer.features
-        tests = read["test"] = list(AudioStream(read_manifest(manifests["test"])))
+        tests = read["test"] = T.read_audio(list(read_manifest(manifests["test"])), progress=progress)
         rates = E.error_rates([u.text for u, _ in tests], [ctc.transcribe(w) for _, w in tests])
         (tok_dir / "encoder_test.json").write_text(json.dumps(rates, indent=1))
         print(f"      the CTC encoder alone on the test split: CER {rates['cer']:.3f}, WER {rates['wer']:.3f}")

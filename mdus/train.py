@@ -151,12 +151,17 @@ def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float,
       (``CTCPosteriorFrontEnd``), read by the model through its characters' text embeddings.
 
     The caller saves the returned tokenizer (into ``save_to`` for the ``ctc-`` inputs, which it then refers to)."""
+    from tqdm.auto import tqdm
+
     from mdus.speech import CTCPosteriorFrontEnd, KMeansTokenizer, LogMelFrontEnd, fit_ctc_encoder
 
+    def featurized(desc):  # the fits read every wave once, the long part before k-means
+        return tqdm(waves, desc=desc, unit="utt", disable=not progress)
+
     if speech_input == "units":
-        return KMeansTokenizer(units, frame_rate=frame_rate, seed=seed).fit(waves)
+        return KMeansTokenizer(units, frame_rate=frame_rate, seed=seed).fit(featurized("log-mel k-means"))
     if speech_input == "features":
-        return LogMelFrontEnd(feature_stride(frame_rate)).fit(waves)
+        return LogMelFrontEnd(feature_stride(frame_rate)).fit(featurized("log-mel statistics"))
     if speech_input in ("ctc-units", "ctc-chars"):
         if texts is None or save_to is None:
             raise ValueError(f"speech_input={speech_input!r} needs the training transcripts (texts) and a folder "
@@ -165,8 +170,20 @@ def fit_speech_input(speech_input: str, waves, *, units: int, frame_rate: float,
         encoder.save(Path(save_to) / "encoder")
         if speech_input == "ctc-chars":
             return CTCPosteriorFrontEnd(encoder)
-        return KMeansTokenizer(units, features=encoder, frame_rate=frame_rate, seed=seed).fit(waves)
+        return KMeansTokenizer(units, features=encoder, frame_rate=frame_rate, seed=seed).fit(
+            featurized("encoder k-means"))
     raise ValueError(f"speech_input must be one of {', '.join(SPEECH_INPUTS)}, got {speech_input!r}")
+
+
+def read_audio(utterances: list, *, progress: bool = True) -> list:
+    """The (utterance, waveform) pairs of ``utterances`` (``mdus.data.AudioStream``: bad audio skipped and
+    counted), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from mdus.data.audio import AudioStream
+
+    return list(tqdm(AudioStream(utterances), total=len(utterances), desc="read audio", unit="utt",
+                     disable=not progress))
 
 
 def speech_input_in(tok_dir: Path, read_utterances: Callable[[], list], speech_input: str, **fit_kwargs):
@@ -801,9 +818,7 @@ def run(args) -> int:
     fitted = not (tok_dir / "tokenizer.json").is_file()
 
     def read_training_audio():
-        from mdus.data.audio import AudioStream
-
-        utterances = list(AudioStream(listed["train"]))
+        utterances = read_audio(listed["train"], progress=not args.no_progress)
         if not utterances:
             raise ValueError(f"{manifests['train']} has no readable utterance (see `mdus data check`)")
         return utterances
