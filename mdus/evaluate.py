@@ -134,6 +134,55 @@ def greedy_decode(lm, prompt: torch.Tensor, *, max_new_tokens: int, eos: int | N
     return torch.tensor(out_ids, dtype=torch.long)
 
 
+@torch.no_grad()
+def greedy_decode_batch(lm, prompts: Sequence[torch.Tensor], *, max_new_tokens: int, eos: int | None = None,
+                        allowed_vocab: int | None = None, use_cache: bool | None = None,
+                        speech_features: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """``greedy_decode`` of several prompts (1-D ids each) at once: left-padded into one batch, with a KV cache
+    (as ``greedy_decode``, none with non-causal blocks). Returns each prompt's new ids (1-D, through ``eos``).
+    ``speech_features``: each prompt's log-mel frames, for a model with continuous speech input."""
+    from transformers import DynamicCache
+
+    if use_cache is None:
+        use_cache = not _cache_unsupported(lm)
+    was_training = lm.training
+    lm.eval()
+    device = prompts[0].device
+    width = max(p.numel() for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long, device=device)  # id 0 (text) under the padding
+    mask = torch.zeros(len(prompts), width, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, width - p.numel():], mask[i, width - p.numel():] = p, 1
+    extra = {}
+    if speech_features is not None:
+        extra = dict(speech_features=torch.nn.utils.rnn.pad_sequence(list(speech_features), batch_first=True),
+                     speech_feature_lengths=torch.tensor([f.shape[0] for f in speech_features], device=device))
+    cache = DynamicCache() if use_cache else None
+    out = torch.zeros(len(prompts), 0, dtype=torch.long, device=device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
+    step = ids
+    for _ in range(max_new_tokens):
+        logits = lm(step, attention_mask=mask, past_key_values=cache, use_cache=use_cache, return_logits=True,
+                    **(extra if step is ids else {})).logits[:, -1]
+        if allowed_vocab is not None:
+            logits = logits[:, :allowed_vocab]
+        nxt = logits.argmax(-1)
+        out = torch.cat([out, nxt[:, None]], 1)
+        if eos is not None:
+            done |= nxt == eos
+        if bool(done.all()):
+            break
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], 1)
+        step = nxt[:, None] if use_cache else ids  # (the full recomputation reads the features again)
+    lm.train(was_training)
+    result = []
+    for row in out:
+        stop = torch.nonzero(row == eos).flatten() if eos is not None else row.new_zeros(0)
+        result.append(row[: int(stop[0]) + 1] if stop.numel() else row)
+    return [r.cpu() for r in result]
+
+
 def speech_prompt(lm, speech: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """(prompt ids, forward inputs) of one utterance's speech: unit ids (1-D, ``0..K-1``) are placed above the text
     vocabulary; log-mel features (frames, n_mels) of a model with a speech encoder become its placeholder
@@ -146,20 +195,31 @@ def speech_prompt(lm, speech: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return speech.long() + lm.text_vocab_size, {}
 
 
-def transcribe(lm, speech: Sequence[torch.Tensor], tokenizer, *, max_new_tokens: int = 64,
+def transcribe(lm, speech: Sequence[torch.Tensor], tokenizer, *, max_new_tokens: int = 64, batch_size: int = 8,
                progress: bool = True) -> list[str]:
     """Greedy ASR: ``speech`` holds each utterance's unit ids (0..K-1) or, for a model with continuous speech
-    input, its log-mel features (see ``speech_prompt``); the output is decoded text up to the tokenizer's eos."""
+    input, its log-mel features (see ``speech_prompt``); the output is decoded text up to the tokenizer's eos.
+    Utterances are decoded ``batch_size`` at a time (``greedy_decode_batch``), in order of length so that a batch
+    pads little."""
     from tqdm.auto import tqdm
 
-    texts = []
-    for utterance in tqdm(speech, desc="decode", disable=not progress):
-        prompt, inputs = speech_prompt(lm, utterance)
-        new = greedy_decode(lm, prompt, max_new_tokens=max_new_tokens, eos=tokenizer.eos_token_id,
-                            allowed_vocab=lm.text_vocab_size, **inputs)
-        if tokenizer.eos_token_id is not None and new.numel() and int(new[-1]) == tokenizer.eos_token_id:
-            new = new[:-1]
-        texts.append(tokenizer.decode(new.tolist(), skip_special_tokens=True))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    prompts = [speech_prompt(lm, utterance) for utterance in speech]
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i][0].numel())
+    texts = [""] * len(prompts)
+    eos = tokenizer.eos_token_id
+    with tqdm(total=len(prompts), desc="decode", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            features = [prompts[i][1]["speech_features"] for i in rows] if "speech_features" in prompts[0][1] else None
+            news = greedy_decode_batch(lm, [prompts[i][0] for i in rows], max_new_tokens=max_new_tokens, eos=eos,
+                                       allowed_vocab=lm.text_vocab_size, speech_features=features)
+            for i, new in zip(rows, news, strict=True):
+                if eos is not None and new.numel() and int(new[-1]) == eos:
+                    new = new[:-1]
+                texts[i] = tokenizer.decode(new.tolist(), skip_special_tokens=True)
+            bar.update(len(rows))
     return texts
 
 
@@ -243,7 +303,8 @@ def replay_text(exclude=(), *, n: int = 40, seed: int = 0) -> list[str]:
 
 
 def evaluate_model(lm, base, test_items, text_tokenizer, *, general=None, device=None, max_new_tokens: int = 48,
-                   n_continuations: int = 10, max_text_tokens: int = 96, progress: bool = True) -> dict:
+                   n_continuations: int = 10, max_text_tokens: int = 96, batch_size: int = 8,
+                   progress: bool = True) -> dict:
     """ASR and text degradation of ``lm`` on a test split, against ``base`` (an untouched copy of its base model).
 
     ``test_items`` are ``(utterance, speech, text ids)`` as ``mdus.train.sequences_from_manifest`` returns them
@@ -271,7 +332,7 @@ def evaluate_model(lm, base, test_items, text_tokenizer, *, general=None, device
     device = torch.device(device) if device is not None else next(lm.parameters()).device
     refs = [utt.text for utt, _, _ in test_items]
     hyps = transcribe(lm, [speech.to(device) for _, speech, _ in test_items], text_tokenizer,
-                      max_new_tokens=max_new_tokens, progress=progress)
+                      max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
     rates = error_rates(refs, hyps)
 
     def degradation(texts, continuations):
@@ -310,6 +371,7 @@ def add_arguments(p) -> None:
                    help="base model the run was trained from (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="longest transcript decoded (tokens)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="utterances decoded at once (default 8)")
     p.add_argument("--out", type=Path, default=None, help="also write the metrics JSON to this file")
     p.add_argument("--general-passages", type=nonnegative_int, default=40, metavar="N",
                    help="general English passages for text degradation: fortunes the corpus (DATA/train.jsonl) "
@@ -405,7 +467,7 @@ def run(args) -> int:
         except FileNotFoundError as exc:
             print(f"mdus eval: no general text ({_first_line(exc)}); text degradation uses the test transcripts")
     metrics = evaluate_model(lm, base_ref, items, text_tok, general=general, device=device,
-                             max_new_tokens=args.max_new_tokens, progress=progress)
+                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=progress)
     # The transcripts' loss given their speech (teacher forcing): what the demo reports as "transcript loss".
     result = {"weights": str(weights), "manifest": str(manifest), "utterances": len(items), **metrics,
               "test_loss": evaluate_loss(lm, seqs, TrainConfig(), device)}

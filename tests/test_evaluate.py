@@ -224,3 +224,42 @@ def test_transcribe_continuous_input():
     units_lm, _ = _pair()
     with pytest.raises(ValueError, match="no speech encoder"):
         E.speech_prompt(units_lm, feats)
+
+
+@pytest.mark.parametrize("block", ["transformer", "ebranchformer"])
+def test_batched_greedy_decoding_matches_one_at_a_time(block):
+    """``greedy_decode_batch`` (left-padded, one KV cache) gives each prompt what ``greedy_decode`` gives it alone,
+    with and without a cache, prompts of odd lengths, rows stopping at eos at different steps."""
+    lm, _ = _pair(block, perturb=0.3)
+    g = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    prompts = [torch.randint(0, V + 10, (n,), generator=g) for n in (5, 1, 9, 3)]
+    alone = [E.greedy_decode(lm, p, max_new_tokens=7, allowed_vocab=V) for p in prompts]
+    eos = int(alone[0][2])  # an id the first prompt emits at its third step: that row stops there
+    alone = [E.greedy_decode(lm, p, max_new_tokens=7, allowed_vocab=V, eos=eos) for p in prompts]
+    for use_cache in (True, False):
+        got = E.greedy_decode_batch(lm, prompts, max_new_tokens=7, allowed_vocab=V, eos=eos, use_cache=use_cache)
+        assert all(torch.equal(a, b) for a, b in zip(got, alone, strict=True)), (use_cache, got, alone)
+    assert got[0].numel() <= 3 and int(got[0][-1]) == eos
+
+
+def test_batched_transcribe_continuous_input():
+    torch.manual_seed(0)
+    lm = mdus.upscale(LlamaForCausalLM(CONFIG).eval(), speech_vocab_size=1, speech_encoder={"n_mels": 6, "stride": 4})
+    with torch.no_grad():
+        for p in lm.blocks.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    feats = [torch.randn(n, 6) for n in (10, 3, 17)]
+    alone = [E.greedy_decode(lm, E.speech_prompt(lm, f)[0], max_new_tokens=6, allowed_vocab=V, speech_features=f)
+             for f in feats]
+
+    class Tok:
+        eos_token_id = None
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    for batch_size in (1, 2, 8):
+        assert E.transcribe(lm, feats, Tok(), max_new_tokens=6, batch_size=batch_size, progress=False) == \
+            [" ".join(map(str, a.tolist())) for a in alone]
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        E.transcribe(lm, feats, Tok(), batch_size=0, progress=False)
