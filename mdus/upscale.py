@@ -635,9 +635,14 @@ def _base_fingerprint(model: nn.Module) -> list[float]:
     for t in (model.get_input_embeddings().weight, frozen(decoder.layers[0]), frozen(decoder.layers[-1]),
               frozen(decoder.norm)):
         flat = t.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, 16, device=flat.device).long()
-        values += flat[index].float().tolist()
+        values += flat[_spread(flat.numel(), 16, flat.device)].float().tolist()
     return values
+
+
+def _spread(n: int, k: int, device=None) -> torch.Tensor:
+    """``k`` evenly spaced indices into ``n`` items, first and last included, in exact integer arithmetic (a float32
+    ``linspace`` rounds past 2^24 elements: SmolLM2's embedding has 28 M)."""
+    return torch.tensor([i * (n - 1) // (k - 1) for i in range(k)], dtype=torch.long, device=device)
 
 
 def _rebuild(model: nn.Module, config: SpeechLMConfig) -> SpeechLM:

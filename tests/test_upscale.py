@@ -346,6 +346,14 @@ def test_load_checks_the_base_before_touching_it(tmp_path):
         assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
 
 
+def test_fingerprint_indices_stay_in_range():
+    from mdus.upscale import _spread
+
+    for n in (1, 16, 17, 2**24 + 3, 49152 * 576):  # the last: SmolLM2's embedding, past float32's exact integers
+        index = _spread(n, 16)
+        assert index[0] == 0 and index[-1] == n - 1 and bool((index[1:] >= index[:-1]).all())
+
+
 def test_load_checks_the_attention_layout_and_the_base_weights(tmp_path):
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**SHAPE))
@@ -372,7 +380,7 @@ def test_load_checks_the_attention_layout_and_the_base_weights(tmp_path):
     mdus.load(ft.save_trainable(tmp_path / "ft.st"), copy.deepcopy(trained))
 
 
-def test_real_smollm2_135m():
+def test_real_smollm2_135m(tmp_path):
     """The real embedded SmolLM2-135M-Instruct: identity at initialization and a frozen base after training."""
     from mdus.models import embedded_gguf, load_base
 
@@ -401,6 +409,11 @@ def test_real_smollm2_135m():
     opt.step()
     assert torch.isfinite(loss)
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+    # Saved and loaded onto a freshly loaded base (the fingerprint reads past float32's exact integers here).
+    path = lm.save_trainable(tmp_path / "real.safetensors")
+    with torch.no_grad():
+        restored = mdus.load(path, ref)
+        torch.testing.assert_close(restored(seq[None]).logits, lm(seq[None]).logits, rtol=0, atol=0)
 
 
 ENCODER = {"n_mels": 5, "stride": 4}
