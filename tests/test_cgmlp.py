@@ -356,6 +356,9 @@ def test_opcheck(backend, use_backend):
     xc = x.detach()[:, :4].contiguous().requires_grad_()
     torch.library.opcheck(torch.ops.mdus.depthwise_conv1d.default, (xc, cw2, cb, cu, None, True))
     torch.library.opcheck(torch.ops.mdus.depthwise_conv1d.default, (xc, cw2, None, cu, mask, False))
+    # nn.Conv1d's (C, 1, k) weight layout: its gradient comes back in that shape.
+    torch.library.opcheck(torch.ops.mdus.cgmlp_gate.default, (x, nw, nb, cw, cb, cu, mask, True, 1e-5))
+    torch.library.opcheck(torch.ops.mdus.depthwise_conv1d.default, (xc, cw, cb, cu, None, False))
     # Transposed (channel-major) inputs: the outputs are contiguous on every backend, as the fakes say.
     xt = x.detach().t().contiguous().t().requires_grad_()
     torch.library.opcheck(torch.ops.mdus.cgmlp_gate.default, (xt, nw, nb, cw2, cb, cu, mask, True, 1e-5))

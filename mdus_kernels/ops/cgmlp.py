@@ -319,11 +319,18 @@ def dwconv_bwd(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
 # ---------------------------------------------------------------------------------------------------- registration
 
 
+def _taps(weight: torch.Tensor) -> torch.Tensor:
+    """A conv weight as the kernels take it, (C, k): the ops also accept nn.Conv1d's (C, 1, k) (their weight
+    gradient then comes back in that shape)."""
+    return weight.reshape(weight.shape[0], -1)
+
+
 @torch.library.custom_op("mdus::cgmlp_gate", mutates_args=())
 def _cgmlp_gate_op(x: torch.Tensor, norm_weight: torch.Tensor, norm_bias: torch.Tensor, conv_weight: torch.Tensor,
                    conv_bias: torch.Tensor, cu_seqlens: torch.Tensor, speech_mask: torch.Tensor | None, causal: bool,
                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_offsets_values(cu_seqlens, "cu_seqlens", x.shape[0], "x.shape[0]")
+    conv_weight = _taps(conv_weight)
     backend = _backend.choose_backend("cgmlp_gate_fwd_kernel", x.device)
     if backend in ("cpp", "cuda"):
         return torch.ops.mdus.cgmlp_gate_fwd_kernel(x, norm_weight, norm_bias, conv_weight, conv_bias, cu_seqlens,
@@ -348,6 +355,7 @@ def _cgmlp_gate_backward_op(grad: torch.Tensor, x: torch.Tensor, norm_weight: to
                             cu_seqlens: torch.Tensor, speech_mask: torch.Tensor | None, mean: torch.Tensor,
                             rstd: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                        torch.Tensor, torch.Tensor]:
+    shape, conv_weight = conv_weight.shape, _taps(conv_weight)
     backend = _backend.choose_backend("cgmlp_gate_bwd_kernel", x.device)
     if backend in ("cpp", "cuda"):
         dx, dnw, dnb, dcw, dcb = torch.ops.mdus.cgmlp_gate_bwd_kernel(
@@ -358,7 +366,7 @@ def _cgmlp_gate_backward_op(grad: torch.Tensor, x: torch.Tensor, norm_weight: to
     else:
         dx, dnw, dnb, dcw, dcb = _backend.contiguous(ref.cgmlp_gate_bwd(
             grad, x, norm_weight, norm_bias, conv_weight, conv_bias, cu_seqlens, speech_mask, mean, rstd, causal))
-    return (dx, dnw.to(norm_weight.dtype), dnb.to(norm_bias.dtype), dcw.to(conv_weight.dtype),
+    return (dx, dnw.to(norm_weight.dtype), dnb.to(norm_bias.dtype), dcw.reshape(shape).to(conv_weight.dtype),
             dcb.to(conv_bias.dtype))
 
 
@@ -391,6 +399,7 @@ _cgmlp_gate_op.register_autograd(_cgmlp_backward, setup_context=_cgmlp_setup_con
 def _dwconv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cu_seqlens: torch.Tensor,
                speech_mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     check_offsets_values(cu_seqlens, "cu_seqlens", x.shape[0], "x.shape[0]")
+    weight = _taps(weight)
     backend = _backend.choose_backend("depthwise_conv1d_fwd_kernel", x.device)
     if backend in ("cpp", "cuda"):
         return torch.ops.mdus.depthwise_conv1d_fwd_kernel(x, weight, bias, cu_seqlens, speech_mask, causal)
@@ -408,6 +417,7 @@ def _(x, weight, bias, cu_seqlens, speech_mask, causal):
 def _dwconv_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cu_seqlens: torch.Tensor,
                         speech_mask: torch.Tensor | None,
                         causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    shape, weight = weight.shape, _taps(weight)
     backend = _backend.choose_backend("depthwise_conv1d_bwd_kernel", x.device)
     if backend in ("cpp", "cuda"):
         dx, dw, db = torch.ops.mdus.depthwise_conv1d_bwd_kernel(grad, x, weight, cu_seqlens, speech_mask, causal)
@@ -415,7 +425,7 @@ def _dwconv_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
         dx, dw, db, _, _ = dwconv_bwd(grad, x, weight, None, cu_seqlens, speech_mask, causal)
     else:
         dx, dw, db = _backend.contiguous(ref.depthwise_conv1d_bwd(grad, x, weight, cu_seqlens, speech_mask, causal))
-    return dx, dw.to(weight.dtype), db.to(weight.dtype)
+    return dx, dw.reshape(shape).to(weight.dtype), db.to(weight.dtype)
 
 
 @_dwconv_backward_op.register_fake
