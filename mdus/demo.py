@@ -322,7 +322,7 @@ def write_report(out: Path, results: dict, args) -> None:
         rows.append(f"| {m} | {r['trainable_params']:,} | {r['wer']:.3f}{_interval(r.get('wer_ci'))} | {r['cer']:.3f} "
                     f"| {r['test_loss']:.3f} "
                     f"| {r['text_ppl']:.2f} ({r['text_ppl_base']:.2f}) | {r['text_kl']:.4f} | {agree} "
-                    f"| {r.get('transcript_kl') or math.nan:.4f} | {r['steps']} |")
+                    f"| {math.nan if r.get('transcript_kl') is None else r['transcript_kl']:.4f} | {r['steps']} |")
     plots = _plots(out, results)
     n_scored = next(iter(results.values()), {}).get("utterances", args.n_test)  # the readable ones
     lines = ["# mdus demo report", "",
