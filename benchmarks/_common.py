@@ -149,8 +149,8 @@ def timeit(fn: Callable[[], object], *, device: torch.device | str, warmup: int 
       ``rep`` are its **millisecond** budgets (default 25, and 100 or what 10 calls take, up to 2 s: do_bench
       times ``rep / (one call)`` calls, so a slow call would otherwise give one or two samples).
     * CPU: ``warmup`` calls (default 2; just one when a call is slow), then up to ``rep`` individually timed calls
-      (default 20), ``rep`` lowered so that the timed calls take about ``budget_s`` at most. A call slower than
-      ``budget_s`` is timed once, so its p20/p50/p80 coincide: the budget bounds a default CPU run's length.
+      (default 20), ``rep`` lowered so that the timed calls take about ``budget_s``, but never below 3 (nor
+      above ``rep``): a slow call's median is still a median, not one sample that interference may have inflated.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -174,7 +174,7 @@ def timeit(fn: Callable[[], object], *, device: torch.device | str, warmup: int 
         t0 = time.perf_counter()
         fn()
         t_warm = time.perf_counter() - t0
-    rep = max(1, min(rep, int(budget_s / max(t_warm, 1e-9))))
+    rep = min(rep, max(3, int(budget_s / max(t_warm, 1e-9))))
     times = []
     for _ in range(rep):
         t0 = time.perf_counter()

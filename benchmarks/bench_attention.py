@@ -11,6 +11,8 @@ Implementations:
       they take no mask);
     * ``sdpa_efficient`` (GPU) / ``sdpa`` (CPU): SDPA with an explicit boolean mask (the block-diagonal mask of the
       whole pack for varlen);
+    * ``sdpa_loop`` (varlen): one causal SDPA call per sequence of the pack, SDPA choosing its backend (what eager
+      code without a varlen kernel does; no score is spent across sequences);
     * ``flex``: ``torch.compile``'d ``flex_attention`` with the same causal / prefix-LM / document mask (GPU);
     * ``flash_attn``: ``flash_attn_varlen_func`` when flash-attn is installed (causal and varlen: it takes no
       prefix).
@@ -63,7 +65,7 @@ TOLERANCES = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 REF_BUDGET = {"cuda": 1 << 28, "cpu": 1 << 24}
 CHECKED = ("out", "dq", "dk", "dv")
 TABLE = ("impl", "mode", "mask", "D", "seqlen", "tokens", "ms_p50", "TFLOP/s", "vs_sdpa_flash", "vs_flex",
-         "vs_causal", "status")
+         "vs_sdpa_loop", "vs_causal", "status")
 
 
 def make_lengths(mask: str, seqlen: int, tokens: int) -> list[int]:
@@ -102,8 +104,8 @@ def dense_mask(lengths, prefixes, device) -> torch.Tensor:
 def impl_names(device: torch.device) -> list[str]:
     """The implementations ``make_impls`` offers on ``device`` (all of them get rows, skipped or not)."""
     if device.type == "cuda":
-        return ["mdus", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex", "flash_attn"]
-    return ["mdus", "sdpa"]
+        return ["mdus", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_loop", "flex", "flash_attn"]
+    return ["mdus", "sdpa", "sdpa_loop"]
 
 
 def make_impls(mask, lengths, prefixes, q, k, v, device):
@@ -169,6 +171,22 @@ def make_impls(mask, lengths, prefixes, q, k, v, device):
             return fn
 
         impls[name] = build_sdpa_masked
+    if mask == "varlen":
+        bounds = list(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True))
+
+        def build_sdpa_loop():
+            # What eager code does without a varlen kernel: one causal SDPA call per sequence (no mask, no waste
+            # on the pack's cross-sequence scores), SDPA choosing its own backend.
+            def fn():
+                return torch.cat([F.scaled_dot_product_attention(q[a:e].transpose(0, 1), k[a:e].transpose(0, 1),
+                                                                 v[a:e].transpose(0, 1), is_causal=True).transpose(0, 1)
+                                  for a, e in bounds])
+
+            return fn
+
+        impls["sdpa_loop"] = build_sdpa_loop
+    else:
+        impls["sdpa_loop"] = "for varlen packs"
     if cuda:
         impls["flex"] = lambda: make_flex(mask, lengths, prefixes, qh, kh, vh, back, device)
         if mask == "prefix":
@@ -385,7 +403,7 @@ def add_ratios(rows) -> None:
     by = {(r["impl"], r["mask"], *key(r)): r for r in ok}
     for r in ok:
         if r["impl"] == "mdus":
-            for other in ("sdpa_flash", "flex"):
+            for other in ("sdpa_flash", "flex", "sdpa_loop"):
                 o = by.get((other, r["mask"], *key(r)))
                 if o:
                     r[f"vs_{other}"] = r["TFLOP/s"] / o["TFLOP/s"]

@@ -63,8 +63,9 @@ def liger_loss():
 
 def make_impl(impl: str, hidden, weights, labels):
     if impl == "eager":
-        return lambda: F.cross_entropy(F.linear(hidden, torch.cat(weights) if len(weights) > 1 else weights[0]),
-                                       labels)
+        # Per head block, logits joined: a frozen block then costs no weight-gradient GEMM (joining the weights
+        # instead would make the frozen rows part of one trainable tensor).
+        return lambda: F.cross_entropy(torch.cat([F.linear(hidden, w) for w in weights], dim=-1), labels)
     if impl == "mdus":
         return lambda: mk.linear_cross_entropy(hidden, tuple(weights) if len(weights) > 1 else weights[0], labels)
     loss = liger_loss()

@@ -11,6 +11,7 @@ others; the exit status is non-zero if any failed.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -46,8 +47,11 @@ def main(argv=None) -> int:
             cmd.append("--quick")
         print(f"\n=== {script.name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
+        # Huge pages for every torch allocation unless the caller chose: the CPU kernels take them for their outputs
+        # anyway (csrc/cpu/alloc.h), so the baselines get the same memory (the CSV's thp_alloc column says which).
+        env = {**os.environ, "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
         try:  # each in its own process: one crash cannot take down the rest
-            rc = subprocess.run(cmd, cwd=HERE.parent, timeout=args.timeout_each).returncode
+            rc = subprocess.run(cmd, cwd=HERE.parent, timeout=args.timeout_each, env=env).returncode
         except subprocess.TimeoutExpired:
             rc = f"timeout ({args.timeout_each:g} s; the cases measured before are in the CSV)"
         print(f"=== {script.name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
