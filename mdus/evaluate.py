@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mdus_kernels._checks import check_number
+
 _NON_WORD = re.compile(r"[^a-z0-9']+")
 _EDGE_APOSTROPHES = re.compile(r"(^|\s)'+|'+(\s|$)")
 
@@ -203,8 +205,7 @@ def transcribe(lm, speech: Sequence[torch.Tensor], tokenizer, *, max_new_tokens:
     pads little."""
     from tqdm.auto import tqdm
 
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    check_number(batch_size, "batch_size", "an int >= 1", integer=True, ok=lambda v: v >= 1)
     prompts = [speech_prompt(lm, utterance) for utterance in speech]
     order = sorted(range(len(prompts)), key=lambda i: prompts[i][0].numel())
     texts = [""] * len(prompts)

@@ -375,16 +375,18 @@ def _check_resumed_config(path: Path, saved: dict | None, cfg: TrainConfig) -> N
     if saved is None:  # written without its TrainConfig
         return
     now = asdict(cfg)
-    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
-               if k not in RESUME_MAY_CHANGE and k in saved and _plain(saved[k]) != _plain(now[k])]
+    changed = _changed(saved, now, [k for k in now if k not in RESUME_MAY_CHANGE and k in saved])
     if changed:
         raise ResumeMismatch(f"checkpoint {path} was written by a run with another recipe ({'; '.join(changed)}): "
                              f"resume with the original settings (only {', '.join(RESUME_MAY_CHANGE)} may change), "
                              f"or start a new run in another folder")
 
 
-def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
+def _changed(saved: dict, now: dict, fields) -> list[str]:
+    """``"field: saved -> now"`` for each of ``fields`` whose values differ, compared as JSON gives them back (a
+    tuple equals its list, at any depth)."""
+    plain = lambda v: json.loads(json.dumps(v))  # noqa: E731
+    return [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in fields if plain(saved.get(k)) != plain(now[k])]
 
 
 def data_fingerprint(seqs) -> str:
@@ -406,13 +408,11 @@ def load_checkpoint(path: Path, lm: SpeechLM, opt, sched, cfg: TrainConfig | Non
     blocks, placement, route, speech vocabulary: ``lm.config``), with ``cfg`` under another recipe
     (``RESUME_MAY_CHANGE`` may differ), or with ``data`` (``data_fingerprint``) on other training data."""
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    saved_model, now_model = ckpt.get("config"), json.loads(json.dumps(asdict(lm.config)))
-    if saved_model is not None:
-        saved_model = json.loads(json.dumps(saved_model))
-        changed = [f"{k}: {saved_model.get(k)!r} -> {v!r}" for k, v in now_model.items() if saved_model.get(k) != v]
-        if changed:
-            raise ResumeMismatch(f"checkpoint {path} was written for another model ({'; '.join(changed)}): resume "
-                                 "with the original method and model options, or start a new run in another folder")
+    now_model = asdict(lm.config)
+    changed = [] if ckpt.get("config") is None else _changed(ckpt["config"], now_model, list(now_model))
+    if changed:
+        raise ResumeMismatch(f"checkpoint {path} was written for another model ({'; '.join(changed)}): resume with "
+                             "the original method and model options, or start a new run in another folder")
     if cfg is not None:
         _check_resumed_config(path, ckpt.get("train_config"), cfg)
     saved_data = ckpt["state"].get("data")
