@@ -426,16 +426,23 @@ def add_plot_only_arguments(p) -> None:
     p.add_argument("--plot-only", action="store_true", help="redraw the PNG from the CSV's latest run, no timing")
     p.add_argument("--csv", type=Path, help="with --plot-only: the CSV to plot (default <out>/<device_tag>.csv), "
                    "e.g. one written on a GPU machine")
-    p.add_argument("--run-id", help="with --plot-only: the run to draw (its run_id column; default the latest)")
+    p.add_argument("--run-id", nargs="+", help="with --plot-only: the runs to draw together (their run_id column; "
+                   "default the latest run)")
 
 
 def plot_only(args, op: str, plot_rows: Callable) -> None:
-    """The ``--plot-only`` path: ``plot_rows(rows, out, tag)`` on one run (``--run-id``, default the latest) of
-    ``op``'s rows in ``--csv`` (default ``<out>/<device_tag>.csv``)."""
+    """The ``--plot-only`` path: ``plot_rows(rows, out, tag)`` on ``op``'s rows in ``--csv`` (default
+    ``<out>/<device_tag>.csv``) of the runs named by ``--run-id`` (default the latest run), e.g. two runs that
+    measured different cases."""
     csv_path = args.csv or args.out / f"{device_tag(resolve_device(args.device))}.csv"
     rows = [r for r in read_rows(csv_path) if r.get("op") == op]
-    run = args.run_id or max((r["run_id"] for r in rows), default=None)
-    plot_rows([r for r in rows if r["run_id"] == run], args.out, csv_path.stem)
+    if not rows:
+        raise SystemExit(f"--plot-only: no {op} rows in {csv_path}")
+    runs = set(args.run_id or [max(r["run_id"] for r in rows)])
+    unknown = runs - {r["run_id"] for r in rows}
+    if unknown:
+        raise SystemExit(f"--run-id: no {op} rows of run {', '.join(sorted(unknown))} in {csv_path}")
+    plot_rows([r for r in rows if r["run_id"] in runs], args.out, csv_path.stem)
 
 
 # ----------------------------------------------------------------------------------------------------- checks
