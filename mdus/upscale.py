@@ -29,6 +29,7 @@ from torch import nn
 import mdus_kernels
 from mdus.attention import NAME as ATTN_NAME
 from mdus.attention import cu_seqlens_from_position_ids
+from mdus.gated_mlp import lean_gated_mlp
 from mdus_kernels._checks import check_offsets, longest_segment
 
 PLACEMENTS = ("interleaved", "sandwich", "top", "middle", "bottom")
@@ -215,6 +216,8 @@ class SpeechLM(nn.Module):
             make = lambda i: EBranchformerBlock(base.config, n_layers + i, **config.block_config)  # noqa: E731
         self.blocks = nn.ModuleList(make(i) for i in range(len(config.positions)))
         self.blocks.to(device=embed.weight.device, dtype=embed.weight.dtype)
+        for _, layer in self.stack():  # the host's SwiGLU MLPs keep 2 of their 3 activations (same results)
+            lean_gated_mlp(getattr(layer, "mlp", None))
 
         self.speech_embed = None
         self.speech_out = None  # untied speech output rows; tied ones are speech_embed.weight
