@@ -12,7 +12,9 @@ Implementations:
       E-Branchformer blocks run the same code in both;
     * ``baseline-rows``: ``baseline`` with the eager loss over the rows that have a target only (the logits of
       the transcript positions, per head block), the selection mdus' own forward makes before its fused loss: the
-      gap between the two baselines is that selection's share, the gap to mdus the kernels'.
+      gap between the two baselines is that selection's share, the gap to mdus the kernels';
+    * ``mdus-host-mlp`` (with ``--host-mlp``): ``mdus`` with the host MLPs' own forward instead of
+      ``mdus.gated_mlp``'s (which keeps two of their three activations): that change's share of the memory.
 
 Model: random weights in a SmolLM2 shape: 360M (32 layers, d=960, 15/5 heads) on GPU, 135M (30 layers, d=576,
 9/3 heads) on CPU; vocabulary 49,152 + ``--speech-vocab`` speech units; 25% of the depth inserted, interleaved.
@@ -68,6 +70,9 @@ def build(shape: str, block: str, speech_vocab: int, dtype, device, impl: str):
         base = LlamaForCausalLM(config).to(dtype)
     block_config = dict(cgmlp_units=4 * config.hidden_size) if block == "ebranchformer" else None
     lm = mdus.upscale(base, block=block, block_config=block_config, speech_vocab_size=speech_vocab)
+    if impl == "mdus-host-mlp":
+        for m in lm.modules():
+            vars(m).pop("forward", None)  # back to the class's forward
     if impl.startswith("baseline"):
         base.set_attn_implementation("sdpa")
         for b in lm.blocks:
@@ -90,7 +95,7 @@ def make_step(lm, impl, tokens, seqs, speech_vocab, device, autocast: bool):
     cu = torch.arange(seqs + 1, dtype=torch.int32, device=device) * length
 
     def loss_fn():
-        if impl == "mdus":
+        if impl.startswith("mdus"):
             return lm(ids.reshape(-1), cu_seqlens=cu, max_seqlen=length, loss_mask=loss_mask.reshape(-1)).loss
         targets = lm._targets(ids, None, loss_mask, None, None).reshape(-1)
         if impl == "baseline":
@@ -129,11 +134,11 @@ def check_loss(loss: float, baseline_loss: float | None, rtol: float) -> tuple[b
     return rel <= rtol, f"first-step loss {loss:.6g} vs baseline {baseline_loss:.6g}: rel diff {rel:.2g}"
 
 
-def run_case(shape, block, tokens, seqs, speech_vocab, dtype, device, timing, base, autocast=False):
+def run_case(shape, block, tokens, seqs, speech_vocab, dtype, device, timing, base, autocast=False, impls=IMPLS):
     rows = []
     rtol = 2e-2 if autocast or dtype != torch.float32 else 1e-3
     baseline_loss = None
-    for impl in IMPLS:
+    for impl in impls:
         row = case_row(base, impl, block, shape, tokens, seqs, dtype, autocast)
         note = ""
         try:
@@ -164,6 +169,7 @@ def run_case(shape, block, tokens, seqs, speech_vocab, dtype, device, timing, ba
     ok = {r["impl"]: r for r in rows if r["status"] == "ok"}
     for impl, ref, speedup, mem_ratio in (("baseline-rows", "baseline", "speedup", "mem_vs_baseline"),
                                           ("mdus", "baseline", "speedup", "mem_vs_baseline"),
+                                          ("mdus-host-mlp", "baseline", "speedup", "mem_vs_baseline"),
                                           ("mdus", "baseline-rows", "speedup_vs_rows", "mem_vs_rows")):
         if impl in ok and ref in ok:
             ok[impl][speedup] = ok[ref]["ms_p50"] / ok[impl]["ms_p50"]
@@ -184,7 +190,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a 2-layer model, 128 tokens (smoke test)")
     p.add_argument("--autocast", choices=["bf16", "none"], default=None,
                    help="bf16 autocast for both implementations (default: where mdus.train.fast_bf16 says it pays)")
+    p.add_argument("--host-mlp", action="store_true",
+                   help="also run mdus-host-mlp: mdus with the host MLPs' own forward (the A/B of mdus.gated_mlp)")
     args = p.parse_args(argv)
+    impls = IMPLS + (("mdus-host-mlp",) if args.host_mlp else ())
 
     device = C.resolve_device(args.device)
     cuda = device.type == "cuda"
@@ -205,11 +214,12 @@ def main(argv=None) -> int:
     for block in args.blocks:
         print(f"case {shape} block={block} tokens={tokens}", flush=True)
         try:
-            rows = run_case(shape, block, tokens, args.seqs, args.speech_vocab, dtype, device, timing, base, autocast)
+            rows = run_case(shape, block, tokens, args.seqs, args.speech_vocab, dtype, device, timing, base, autocast,
+                            impls)
         except Exception as exc:  # whatever escapes run_case's own handling: keep the other cases
             traceback.print_exc()
             rows = [dict(case_row(base, impl, block, shape, tokens, args.seqs, dtype, autocast), status="skipped",
-                         note=f"case failed: {C.error_note(exc)}") for impl in IMPLS]
+                         note=f"case failed: {C.error_note(exc)}") for impl in impls]
         C.append_rows(args.out / f"{tag}.csv", rows)
         all_rows += rows
     print()
