@@ -6,10 +6,10 @@ the base is frozen), on a batch of ``--tokens`` tokens made of ``--seqs`` equal-
 Implementations:
     * ``mdus``: ``mdus.upscale`` as shipped: the batch packed (cu_seqlens), every attention call through
       ``mdus_kernels.attention``, the fused linear cross-entropy (no logits);
-    * ``baseline``: the same model and weights with transformers' ``sdpa`` attention in every host-class layer
-      (the base layers and transformer blocks), the batch as (seqs, tokens/seqs) with no padding, and the eager loss
-      ``F.cross_entropy(F.linear(h, W), y)`` over the full logits, as a transformers causal LM computes it.
-      E-Branchformer blocks run the same code in both;
+    * ``baseline``: the same model and weights with transformers' ``sdpa`` attention and its own MLP forward in
+      every host-class layer (the base layers and transformer blocks), the batch as (seqs, tokens/seqs) with no
+      padding, and the eager loss ``F.cross_entropy(F.linear(h, W), y)`` over the full logits, as a transformers
+      causal LM computes it. E-Branchformer blocks run the same code in both;
     * ``baseline-rows``: ``baseline`` with the eager loss over the rows that have a target only (the logits of
       the transcript positions, per head block), the selection mdus' own forward makes before its fused loss: the
       gap between the two baselines is that selection's share, the gap to mdus the kernels';
@@ -70,7 +70,7 @@ def build(shape: str, block: str, speech_vocab: int, dtype, device, impl: str):
         base = LlamaForCausalLM(config).to(dtype)
     block_config = dict(cgmlp_units=4 * config.hidden_size) if block == "ebranchformer" else None
     lm = mdus.upscale(base, block=block, block_config=block_config, speech_vocab_size=speech_vocab)
-    if impl == "mdus-host-mlp":
+    if impl != "mdus":  # the host's MLPs as transformers ships them, not mdus.gated_mlp's
         for m in lm.modules():
             vars(m).pop("forward", None)  # back to the class's forward
     if impl.startswith("baseline"):
