@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mdus
+from mdus.gated_mlp import restore_gated_mlps
 from mdus.train import fast_bf16
 
 OP = "upscale_train_step"
@@ -71,8 +72,7 @@ def build(shape: str, block: str, speech_vocab: int, dtype, device, impl: str):
     block_config = dict(cgmlp_units=4 * config.hidden_size) if block == "ebranchformer" else None
     lm = mdus.upscale(base, block=block, block_config=block_config, speech_vocab_size=speech_vocab)
     if impl != "mdus":  # the host's MLPs as transformers ships them, not mdus.gated_mlp's
-        for m in lm.modules():
-            vars(m).pop("forward", None)  # back to the class's forward
+        restore_gated_mlps(lm)
     if impl.startswith("baseline"):
         base.set_attn_implementation("sdpa")
         for b in lm.blocks:

@@ -10,7 +10,8 @@ both input gradients are bitwise those of autograd on the original expression, s
 ATen ops (``silu_backward`` on ``grad * up``, and ``grad * silu(gate)``).
 
 ``lean_gated_mlp(mlp)`` installs it on a transformers MLP module of a known class (the LLaMA family's); the
-module's parameters, state dict and outputs are unchanged.
+module's parameters, state dict and outputs are unchanged. ``restore_gated_mlps(model)`` puts every such module of
+``model`` back on its class's forward (for an A/B of the two).
 """
 
 from __future__ import annotations
@@ -53,9 +54,23 @@ def _is_silu(act) -> bool:
 def lean_gated_mlp(mlp: nn.Module | None) -> bool:
     """Installs the leaner backward on ``mlp`` when it is a SwiGLU MLP of a known class (``KNOWN_CLASSES``, SiLU
     activation); returns whether it did. Other modules (None, another activation or structure) are left as they
-    are. The forward becomes an instance attribute (a ``functools.partial``, so the module still deep-copies and
-    pickles)."""
-    if mlp is None or type(mlp).__name__ not in KNOWN_CLASSES or not _is_silu(getattr(mlp, "act_fn", None)):
+    are, and so is a module whose forward something else has replaced already (accelerate's device hooks do). The
+    forward becomes an instance attribute (a ``functools.partial``, so the module still deep-copies and pickles)."""
+    if (mlp is None or type(mlp).__name__ not in KNOWN_CLASSES or not _is_silu(getattr(mlp, "act_fn", None))
+            or "forward" in vars(mlp)):
         return False
     mlp.forward = functools.partial(_lean_forward, mlp)
     return True
+
+
+def _is_lean(forward) -> bool:
+    return isinstance(forward, functools.partial) and forward.func is _lean_forward
+
+
+def restore_gated_mlps(model: nn.Module) -> int:
+    """Puts every MLP of ``model`` that ``lean_gated_mlp`` changed back on its class's own forward; returns how
+    many. Forwards installed by anything else stay."""
+    lean = [m for m in model.modules() if _is_lean(vars(m).get("forward"))]
+    for m in lean:
+        del m.forward
+    return len(lean)

@@ -30,7 +30,7 @@ import mdus_kernels
 from mdus.attention import NAME as ATTN_NAME
 from mdus.attention import cu_seqlens_from_position_ids
 from mdus.gated_mlp import lean_gated_mlp
-from mdus_kernels._checks import check_offsets, longest_segment
+from mdus_kernels._checks import check_number, check_offsets, longest_segment
 
 PLACEMENTS = ("interleaved", "sandwich", "top", "middle", "bottom")
 ROUTES = ("all", "speech_only")
@@ -588,8 +588,8 @@ def lora(model: nn.Module, *, rank: int | None = None, match_params: int | None 
     if (rank is None) == (match_params is None):
         raise ValueError("give exactly one of rank and match_params")
     for name, value in (("rank", rank), ("match_params", match_params)):
-        if value is not None and (not _is_int(value) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if value is not None:
+            check_number(value, name, "an int >= 1", integer=True, ok=lambda v: v >= 1)
     per_rank = _lora_params_per_rank(model, target_modules)
     if per_rank == 0:
         raise ValueError(f"no nn.Linear named {', '.join(target_modules)} in the model")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mdus
-from mdus.gated_mlp import SiluMul, lean_gated_mlp
+from mdus.gated_mlp import SiluMul, lean_gated_mlp, restore_gated_mlps
 from tests.test_upscale import MODELS, V, _batch
 
 
@@ -96,6 +96,21 @@ def test_other_mlps_are_left_alone():
     assert not lean_gated_mlp(torch.nn.Linear(3, 3))
 
 
+def test_forwards_replaced_by_others_are_kept():
+    """A forward something else installed (accelerate's device hooks replace it) is neither overwritten by
+    lean_gated_mlp nor removed by restore_gated_mlps."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=6, num_key_value_heads=2))
+    hooked, lean = model.model.layers[0].mlp, model.model.layers[1].mlp
+    hook = functools.partial(type(hooked).forward, hooked)
+    hooked.forward = hook
+    assert not lean_gated_mlp(hooked) and vars(hooked)["forward"] is hook
+    assert lean_gated_mlp(lean)
+    assert restore_gated_mlps(model) == 1
+    assert vars(hooked)["forward"] is hook and "forward" not in vars(lean)
+
+
 def _step(lm, autocast):
     ids, cu, loss_mask = _batch(4)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -107,8 +122,8 @@ def _step(lm, autocast):
 def _plain(lm):
     """The same model with every MLP back on its class's own forward."""
     lm = copy.deepcopy(lm)
-    for m in lm.modules():
-        vars(m).pop("forward", None)
+    assert restore_gated_mlps(lm) == len(lm.stack())
+    assert not any("forward" in vars(m) for m in lm.modules())
     return lm
 
 
